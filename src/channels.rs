@@ -1,0 +1,145 @@
+//! Channel names and the glob patterns that grant access to them.
+//!
+//! A channel name is 1 to 256 bytes of visible ASCII (`!` to `~`). A pattern matches a whole
+//! name; `*` matches any run of characters (`:` and the empty run included) and every other
+//! character matches itself. Client input is only ever matched *against* patterns: a requested
+//! `*` is the literal channel `*`.
+
+/// Longest accepted channel name, in bytes.
+pub const MAX_CHANNEL_NAME_BYTES: usize = 256;
+
+/// Checks a requested channel name; the error says what is wrong.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("channel name is empty".to_string());
+    }
+    if name.len() > MAX_CHANNEL_NAME_BYTES {
+        return Err(format!(
+            "channel name is longer than {MAX_CHANNEL_NAME_BYTES} bytes"
+        ));
+    }
+    if !name.bytes().all(is_visible_ascii) {
+        return Err("channel name must be visible ASCII (`!` to `~`)".to_string());
+    }
+    Ok(())
+}
+
+fn is_visible_ascii(byte: u8) -> bool {
+    (b'!'..=b'~').contains(&byte)
+}
+
+/// A compiled channel glob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pattern {
+    /// The literal pieces between `*`s; `parts.len() - 1` stars separate them.
+    parts: Vec<String>,
+}
+
+impl Pattern {
+    /// Parses a pattern: visible ASCII, 1 to 256 bytes, `*` as the wildcard.
+    pub fn parse(text: &str) -> Result<Pattern, String> {
+        validate_name(text)
+            .map_err(|e| format!("pattern `{text}`: {}", e.replace("channel name", "pattern")))?;
+        Ok(Pattern {
+            parts: text.split('*').map(str::to_string).collect(),
+        })
+    }
+
+    /// Whether the whole of `name` matches.
+    pub fn matches(&self, name: &str) -> bool {
+        let (first, rest) = match self.parts.split_first() {
+            Some(split) => split,
+            None => return false,
+        };
+        let Some(mut remaining) = name.strip_prefix(first.as_str()) else {
+            return false;
+        };
+        let Some((last, middle)) = rest.split_last() else {
+            return remaining.is_empty(); // no star: exact match
+        };
+        // Greedy leftmost matching of the middle pieces is optimal for `*`-only globs: taking
+        // the earliest occurrence leaves the most room for everything after it.
+        for piece in middle {
+            match remaining.find(piece.as_str()) {
+                Some(at) => remaining = &remaining[at + piece.len()..],
+                None => return false,
+            }
+        }
+        remaining.len() >= last.len() && remaining.ends_with(last.as_str())
+    }
+}
+
+/// The set of patterns from `channels.public`.
+#[derive(Clone, Debug, Default)]
+pub struct PublicChannels {
+    patterns: Vec<Pattern>,
+}
+
+impl PublicChannels {
+    /// Compiles the configured patterns.
+    pub fn new(patterns: &[String]) -> Result<PublicChannels, String> {
+        let patterns = patterns
+            .iter()
+            .map(|p| Pattern::parse(p))
+            .collect::<Result<_, _>>()?;
+        Ok(PublicChannels { patterns })
+    }
+
+    /// Whether any pattern allows `name`.
+    pub fn allows(&self, name: &str) -> bool {
+        self.patterns.iter().any(|p| p.matches(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matches(pattern: &str, name: &str) -> bool {
+        Pattern::parse(pattern)
+            .expect("valid pattern")
+            .matches(name)
+    }
+
+    #[test]
+    fn literal_pattern_matches_only_itself() {
+        assert!(matches("orders", "orders"));
+        assert!(!matches("orders", "orders2"));
+        assert!(!matches("orders", "order"));
+    }
+
+    #[test]
+    fn star_matches_any_run_including_colons_and_nothing() {
+        assert!(matches("user:*", "user:42"));
+        assert!(matches("user:*", "user:"));
+        assert!(matches("user:*", "user:42:inbox"));
+        assert!(!matches("user:*", "user"));
+        assert!(matches("*", "anything:at:all"));
+        assert!(matches("tenant:*:billing", "tenant:7:billing"));
+        assert!(matches("tenant:*:billing", "tenant::billing"));
+        assert!(!matches("tenant:*:billing", "tenant:7:billing:x"));
+        assert!(matches("a*b*c", "abc"));
+        assert!(matches("a*b*c", "axxbyyc"));
+        assert!(!matches("a*b*c", "acb"));
+        assert!(matches("*ab", "abab"));
+        assert!(!matches("a*a", "a"));
+        assert!(matches("**", ""));
+    }
+
+    #[test]
+    fn client_star_is_a_literal_name() {
+        assert!(!matches("orders", "*"));
+        assert!(matches("*", "*"));
+    }
+
+    #[test]
+    fn names_must_be_visible_ascii_and_bounded() {
+        assert!(validate_name("user:42").is_ok());
+        assert!(validate_name("!~").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("a b").is_err());
+        assert!(validate_name("é").is_err());
+        assert!(validate_name(&"x".repeat(256)).is_ok());
+        assert!(validate_name(&"x".repeat(257)).is_err());
+    }
+}

@@ -1,0 +1,432 @@
+//! Configuration: one [`Settings`] tree read from `config.toml` plus `SSEHUB__<SECTION>__<KEY>`
+//! environment overrides, validated once at start-up.
+//!
+//! Every error names the key it is about, so an operator can fix a bad deploy from the log line
+//! alone. Defaults live here as named constants and are mirrored in the shipped `config.toml`
+//! and the README.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::channels::Pattern;
+
+/// Default address of the public SSE listener.
+pub const DEFAULT_SERVER_LISTEN: &str = "0.0.0.0:8080";
+/// Default address of the admin listener (health, readiness, metrics).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// Default Redis URL.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// Default seconds between heartbeat comments on an idle stream.
+pub const DEFAULT_HEARTBEAT_SECS: u64 = 15;
+/// Default reconnection delay sent to clients in `retry:`.
+pub const DEFAULT_RETRY_MS: u64 = 3000;
+/// Default JSON field that names the SSE event type.
+pub const DEFAULT_EVENT_TYPE_FIELD: &str = "type";
+/// Default number of events kept per channel.
+pub const DEFAULT_HISTORY_CAPACITY: usize = 1000;
+/// Default maximum age of kept events.
+pub const DEFAULT_HISTORY_MAX_AGE_SECS: u64 = 300;
+/// Default time a channel stays subscribed after its last client left.
+pub const DEFAULT_HISTORY_LINGER_SECS: u64 = 300;
+/// Default maximum number of channels on one connection.
+pub const DEFAULT_MAX_CHANNELS_PER_CONNECTION: usize = 16;
+/// Default time open streams get to end on shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
+
+/// Environment variable prefix: `SSEHUB__REDIS__URL` overrides `[redis] url`.
+pub const ENV_PREFIX: &str = "SSEHUB";
+
+/// A configuration problem, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or the environment could not be read or parsed (unknown key, wrong type, ...).
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A value parsed but is not acceptable.
+    #[error("configuration key `{key}`: {message}")]
+    Invalid {
+        /// Dotted key, e.g. `history.capacity`.
+        key: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// `[server]`: the public SSE listener.
+    pub server: ServerSettings,
+    /// `[admin]`: health, readiness and metrics listener.
+    pub admin: AdminSettings,
+    /// `[redis]`: the upstream.
+    pub redis: RedisSettings,
+    /// `[sse]`: wire behaviour.
+    pub sse: SseSettings,
+    /// `[history]`: per-channel rings.
+    pub history: HistorySettings,
+    /// `[channels]`: which channels may be read and how many at once.
+    pub channels: ChannelSettings,
+    /// `[log]`: log output.
+    pub log: LogSettings,
+}
+
+/// `[server]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address the SSE endpoint listens on.
+    pub listen: SocketAddr,
+    /// Seconds open streams and connections get to finish after a shutdown signal.
+    pub shutdown_grace_secs: u64,
+}
+
+/// `[admin]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    pub listen: SocketAddr,
+}
+
+/// `[redis]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]` (or `rediss://`).
+    pub url: String,
+    /// Seconds allowed to open the connection.
+    pub connect_timeout_secs: u64,
+    /// Seconds between PINGs on the subscription connection (detects half-open TCP).
+    pub ping_interval_secs: u64,
+    /// Seconds a PING, SUBSCRIBE or UNSUBSCRIBE may take before the connection is deemed dead.
+    pub command_timeout_secs: u64,
+    /// First reconnect delay; doubles per failed attempt, with jitter.
+    pub reconnect_initial_ms: u64,
+    /// Cap of the reconnect delay.
+    pub reconnect_max_ms: u64,
+    /// Seconds a new stream waits for its channels' subscriptions (e.g. while Redis is down)
+    /// before it is answered `503`.
+    pub subscribe_timeout_secs: u64,
+}
+
+/// `[sse]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SseSettings {
+    /// Seconds of silence after which a heartbeat comment is sent.
+    pub heartbeat_secs: u64,
+    /// Reconnection delay advertised with `retry:`.
+    pub retry_ms: u64,
+    /// Field of a JSON object payload whose string value becomes the SSE event type.
+    pub event_type_field: String,
+}
+
+/// `[history]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistorySettings {
+    /// Events kept per channel for resumption.
+    pub capacity: usize,
+    /// Seconds an event stays resumable.
+    pub max_age_secs: u64,
+    /// Seconds a channel stays subscribed (and its history kept) after its last client left.
+    pub linger_secs: u64,
+}
+
+/// `[channels]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChannelSettings {
+    /// Glob patterns (`*` = any run of characters) of channels anyone may subscribe to.
+    pub public: Vec<String>,
+    /// Most distinct channels one connection may request.
+    pub max_per_connection: usize,
+}
+
+/// `[log]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` (human) or `json`.
+    pub format: LogFormat,
+    /// A tracing filter: `info`, `debug`, `ssehub=debug,hyper=info`, ...
+    pub level: String,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            listen: parse_default_addr(DEFAULT_SERVER_LISTEN),
+            shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+        }
+    }
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            listen: parse_default_addr(DEFAULT_ADMIN_LISTEN),
+        }
+    }
+}
+
+fn parse_default_addr(addr: &str) -> SocketAddr {
+    addr.parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            url: DEFAULT_REDIS_URL.to_string(),
+            connect_timeout_secs: 5,
+            ping_interval_secs: 5,
+            command_timeout_secs: 5,
+            reconnect_initial_ms: 100,
+            reconnect_max_ms: 5000,
+            subscribe_timeout_secs: 10,
+        }
+    }
+}
+
+impl Default for SseSettings {
+    fn default() -> Self {
+        SseSettings {
+            heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
+            retry_ms: DEFAULT_RETRY_MS,
+            event_type_field: DEFAULT_EVENT_TYPE_FIELD.to_string(),
+        }
+    }
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        HistorySettings {
+            capacity: DEFAULT_HISTORY_CAPACITY,
+            max_age_secs: DEFAULT_HISTORY_MAX_AGE_SECS,
+            linger_secs: DEFAULT_HISTORY_LINGER_SECS,
+        }
+    }
+}
+
+impl Default for ChannelSettings {
+    fn default() -> Self {
+        ChannelSettings {
+            public: Vec::new(),
+            max_per_connection: DEFAULT_MAX_CHANNELS_PER_CONNECTION,
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Text,
+            level: "info".to_string(),
+        }
+    }
+}
+
+impl Settings {
+    /// Loads `path` (optional when `path_required` is false) and the process environment.
+    pub fn load(path: &Path, path_required: bool) -> Result<Settings, ConfigError> {
+        Self::load_with_env(path, path_required, std::env::vars())
+    }
+
+    /// Like [`Settings::load`] with an explicit environment (for tests).
+    pub fn load_with_env(
+        path: &Path,
+        path_required: bool,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(key, _)| key.starts_with(&format!("{ENV_PREFIX}__")))
+            .collect();
+        let settings: Settings = config::Config::builder()
+            .add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(path_required),
+            )
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("channels.public")
+                    .source(Some(env)),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.validated()
+    }
+
+    /// Checks the values that parse but make no sense.
+    pub fn validated(mut self) -> Result<Settings, ConfigError> {
+        // An empty environment list (`SSEHUB__CHANNELS__PUBLIC=`) means "no public channels".
+        self.channels.public.retain(|p| !p.is_empty());
+        for pattern in &self.channels.public {
+            Pattern::parse(pattern).map_err(|message| invalid("channels.public", message))?;
+        }
+        redis::Client::open(self.redis.url.as_str())
+            .map_err(|e| invalid("redis.url", format!("not a valid Redis URL: {e}")))?;
+        positive("sse.heartbeat_secs", self.sse.heartbeat_secs)?;
+        positive("history.capacity", self.history.capacity as u64)?;
+        positive(
+            "channels.max_per_connection",
+            self.channels.max_per_connection as u64,
+        )?;
+        positive(
+            "redis.connect_timeout_secs",
+            self.redis.connect_timeout_secs,
+        )?;
+        positive("redis.ping_interval_secs", self.redis.ping_interval_secs)?;
+        positive(
+            "redis.command_timeout_secs",
+            self.redis.command_timeout_secs,
+        )?;
+        positive(
+            "redis.reconnect_initial_ms",
+            self.redis.reconnect_initial_ms,
+        )?;
+        if self.redis.reconnect_max_ms < self.redis.reconnect_initial_ms {
+            return Err(invalid(
+                "redis.reconnect_max_ms",
+                "must be at least redis.reconnect_initial_ms".to_string(),
+            ));
+        }
+        let field = &self.sse.event_type_field;
+        if field.is_empty() {
+            return Err(invalid(
+                "sse.event_type_field",
+                "must not be empty".to_string(),
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", format!("not a valid filter: {e}")))?;
+        Ok(self)
+    }
+
+    /// Heartbeat period.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.sse.heartbeat_secs)
+    }
+
+    /// Shutdown grace period.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.server.shutdown_grace_secs)
+    }
+}
+
+fn invalid(key: &'static str, message: String) -> ConfigError {
+    ConfigError::Invalid { key, message }
+}
+
+fn positive(key: &'static str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(invalid(key, "must be greater than 0".to_string()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("ssehub-config-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).map_err(|e| invalid("test", e.to_string()))?;
+        let path = dir.join("config.toml");
+        let mut file = std::fs::File::create(&path).map_err(|e| invalid("test", e.to_string()))?;
+        file.write_all(toml.as_bytes())
+            .map_err(|e| invalid("test", e.to_string()))?;
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let result = Settings::load_with_env(&path, true, env);
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    fn error_of(toml: &str, env: &[(&str, &str)]) -> String {
+        match load(toml, env) {
+            Ok(_) => panic!("expected a configuration error"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn defaults_apply_to_an_empty_file() {
+        let settings = load("", &[]).expect("empty config is valid");
+        assert_eq!(settings.server.listen.to_string(), DEFAULT_SERVER_LISTEN);
+        assert_eq!(settings.admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        assert_eq!(settings.redis.url, DEFAULT_REDIS_URL);
+        assert_eq!(settings.sse.heartbeat_secs, 15);
+        assert_eq!(settings.sse.retry_ms, 3000);
+        assert_eq!(settings.sse.event_type_field, "type");
+        assert_eq!(settings.history.capacity, 1000);
+        assert_eq!(settings.history.max_age_secs, 300);
+        assert_eq!(settings.history.linger_secs, 300);
+        assert!(settings.channels.public.is_empty());
+        assert_eq!(settings.channels.max_per_connection, 16);
+        assert_eq!(settings.server.shutdown_grace_secs, 10);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let settings = load(
+            "[redis]\nurl = \"redis://127.0.0.1:1\"\n[channels]\npublic = [\"a\"]\n",
+            &[
+                ("SSEHUB__REDIS__URL", "redis://127.0.0.1:6380"),
+                ("SSEHUB__SERVER__LISTEN", "127.0.0.1:18080"),
+                ("SSEHUB__HISTORY__CAPACITY", "7"),
+                ("SSEHUB__CHANNELS__PUBLIC", "orders,user:*"),
+            ],
+        )
+        .expect("valid overrides");
+        assert_eq!(settings.redis.url, "redis://127.0.0.1:6380");
+        assert_eq!(settings.server.listen.to_string(), "127.0.0.1:18080");
+        assert_eq!(settings.history.capacity, 7);
+        assert_eq!(settings.channels.public, vec!["orders", "user:*"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        assert!(error_of("[server]\nlisten_addr = \"x\"\n", &[]).contains("listen_addr"));
+        assert!(error_of("[nonsense]\nx = 1\n", &[]).contains("nonsense"));
+        assert!(error_of("", &[("SSEHUB__SSE__HEARTBEAT", "3")]).contains("heartbeat"));
+    }
+
+    #[test]
+    fn invalid_values_are_rejected_by_key() {
+        let err = error_of("[history]\ncapacity = \"lots\"\n", &[]);
+        assert!(err.contains("capacity"), "{err}");
+        let err = error_of("[server]\nlisten = \"nowhere\"\n", &[]);
+        assert!(err.contains("listen"), "{err}");
+        let err = error_of("[history]\ncapacity = 0\n", &[]);
+        assert!(err.contains("history.capacity"), "{err}");
+        let err = error_of("[redis]\nurl = \"http://x\"\n", &[]);
+        assert!(err.contains("redis.url"), "{err}");
+        let err = error_of("[channels]\npublic = [\"bad pattern\"]\n", &[]);
+        assert!(err.contains("channels.public"), "{err}");
+        let err = error_of("", &[("SSEHUB__SSE__RETRY_MS", "soon")]);
+        assert!(err.contains("retry_ms"), "{err}");
+    }
+}

@@ -1,0 +1,171 @@
+//! `GET /events`: validates the request, leases the channels, waits for their subscriptions and
+//! opens the SSE stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderMap, Request, Response, StatusCode};
+use tokio_util::sync::CancellationToken;
+
+use super::stream::{EventStream, StreamStart};
+use super::{ApiError, ResponseBody};
+use crate::channels::{self, PublicChannels};
+use crate::config::Settings;
+use crate::hub::Hub;
+
+/// Header name EventSource uses to resume.
+const LAST_EVENT_ID: &str = "last-event-id";
+/// Query parameter naming a channel (may repeat).
+const CHANNEL_PARAM: &str = "channel";
+/// Query parameter carrying the resume id for clients that cannot set headers.
+const LAST_EVENT_ID_PARAM: &str = "lastEventId";
+
+/// Everything `/events` needs, shared by all requests.
+#[derive(Debug)]
+pub(crate) struct EventsEndpoint {
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) public: PublicChannels,
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// A parsed and validated `/events` query.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct StreamQuery {
+    /// Distinct channels, in request order.
+    pub(crate) channels: Vec<String>,
+    /// `lastEventId` from the query string, if given.
+    pub(crate) last_event_id: Option<String>,
+}
+
+impl EventsEndpoint {
+    pub(crate) async fn handle<B>(
+        &self,
+        request: Request<B>,
+    ) -> Result<Response<ResponseBody>, ApiError> {
+        let query = parse_query(
+            request.uri().query(),
+            self.settings.channels.max_per_connection,
+        )
+        .map_err(ApiError::BadRequest)?;
+        if let Some(denied) = query.channels.iter().find(|c| !self.public.allows(c)) {
+            return Err(ApiError::Forbidden(format!(
+                "channel `{denied}` is not public"
+            )));
+        }
+        let resume_from = resume_id(request.headers(), query.last_event_id.as_deref());
+
+        let lease = self.hub.acquire(&query.channels);
+        let wait = Duration::from_secs(self.settings.redis.subscribe_timeout_secs);
+        if !self.hub.wait_subscribed(&lease, wait).await {
+            return Err(ApiError::Unavailable(
+                "the Redis subscription for this channel is not available; retry later".to_string(),
+            ));
+        }
+        let start = StreamStart {
+            resume_from: resume_from.as_deref(),
+            retry_ms: self.settings.sse.retry_ms,
+            heartbeat: self.settings.heartbeat(),
+        };
+        let stream = EventStream::open(self.hub.clone(), lease, start, self.shutdown.clone());
+        let mut response = Response::new(ResponseBody::Right(stream));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        *response.status_mut() = StatusCode::OK;
+        Ok(response)
+    }
+}
+
+/// The resume id: the `Last-Event-ID` header, else the query parameter. Empty means fresh.
+/// A header that is not even text is kept as an (unknown) position rather than ignored, so the
+/// client is told it cannot be resumed.
+fn resume_id(headers: &HeaderMap, from_query: Option<&str>) -> Option<String> {
+    let id = match headers.get(LAST_EVENT_ID) {
+        Some(value) => String::from_utf8_lossy(value.as_bytes()).into_owned(),
+        None => from_query?.to_string(),
+    };
+    let id = id.trim().to_string();
+    (!id.is_empty()).then_some(id)
+}
+
+/// Parses the query string of `/events`.
+pub(crate) fn parse_query(query: Option<&str>, max_channels: usize) -> Result<StreamQuery, String> {
+    let mut parsed = StreamQuery {
+        channels: Vec::new(),
+        last_event_id: None,
+    };
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match key.as_ref() {
+            CHANNEL_PARAM => {
+                channels::validate_name(&value)?;
+                if !parsed.channels.iter().any(|c| *c == value) {
+                    parsed.channels.push(value.into_owned());
+                }
+            }
+            LAST_EVENT_ID_PARAM => parsed.last_event_id = Some(value.into_owned()),
+            other => {
+                let shown: String = other.chars().take(64).collect();
+                return Err(format!("unknown query parameter `{shown}`"));
+            }
+        }
+    }
+    if parsed.channels.is_empty() {
+        return Err("at least one `channel` query parameter is required".to_string());
+    }
+    if parsed.channels.len() > max_channels {
+        return Err(format!(
+            "too many channels: {} requested, at most {max_channels} allowed",
+            parsed.channels.len()
+        ));
+    }
+    Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_channels_count_once_and_keep_order() {
+        let q = parse_query(Some("channel=b&channel=a&channel=b&lastEventId=x-1"), 2)
+            .expect("valid query");
+        assert_eq!(q.channels, vec!["b", "a"]);
+        assert_eq!(q.last_event_id.as_deref(), Some("x-1"));
+    }
+
+    #[test]
+    fn percent_encoded_names_are_decoded() {
+        let q = parse_query(Some("channel=user%3A42"), 16).expect("valid query");
+        assert_eq!(q.channels, vec!["user:42"]);
+    }
+
+    #[test]
+    fn bad_queries_are_rejected() {
+        for query in [
+            None,
+            Some(""),
+            Some("channel="),
+            Some("channel=a+b"),
+            Some("chanel=a"),
+        ] {
+            assert!(parse_query(query, 16).is_err(), "{query:?}");
+        }
+        assert!(parse_query(Some("channel=a&channel=b&channel=c"), 2).is_err());
+        let long = format!("channel={}", "x".repeat(257));
+        assert!(parse_query(Some(&long), 16).is_err());
+    }
+
+    #[test]
+    fn header_wins_over_query_and_empty_means_fresh() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(resume_id(&headers, Some("q-1")).as_deref(), Some("q-1"));
+        assert_eq!(resume_id(&headers, Some("")), None);
+        headers.insert(LAST_EVENT_ID, HeaderValue::from_static("h-2"));
+        assert_eq!(resume_id(&headers, Some("q-1")).as_deref(), Some("h-2"));
+        headers.insert(LAST_EVENT_ID, HeaderValue::from_static(""));
+        assert_eq!(resume_id(&headers, Some("q-1")), None);
+    }
+}

@@ -1,0 +1,190 @@
+//! HTTP: the public SSE listener, the admin listener, and the accept loop both share.
+//!
+//! Errors become responses in one place ([`ApiError`]): a status and a JSON body
+//! `{"error": "..."}`. Shutdown happens in three steps: stop accepting, let the SSE streams end
+//! (they watch the same cancellation token), then wait for connections under a deadline.
+
+mod admin;
+mod events;
+mod stream;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub(crate) use admin::AdminEndpoint;
+pub(crate) use events::EventsEndpoint;
+
+/// Body of every response: a fixed JSON document or an SSE stream.
+pub(crate) type ResponseBody = Either<Full<Bytes>, stream::EventStream>;
+
+/// A request that cannot be served, mapped to its status in [`ApiError::into_response`].
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApiError {
+    /// Malformed request: `400`.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Not allowed: `403`.
+    #[error("{0}")]
+    Forbidden(String),
+    /// No such endpoint: `404`.
+    #[error("not found")]
+    NotFound,
+    /// Wrong method: `405`.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// Temporarily unable to serve (upstream down): `503` with `Retry-After`.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub(crate) fn into_response(self) -> Response<ResponseBody> {
+        let status = self.status();
+        let body = serde_json::json!({ "error": self.to_string() });
+        let mut response = json_response(status, &body);
+        match self {
+            ApiError::MethodNotAllowed => {
+                response
+                    .headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static("GET"));
+            }
+            ApiError::Unavailable(_) => {
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// A response with a JSON body.
+pub(crate) fn json_response(
+    status: StatusCode,
+    body: &serde_json::Value,
+) -> Response<ResponseBody> {
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(body.to_string()))));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// Routes of the public listener.
+pub(crate) async fn route_public(
+    endpoint: Arc<EventsEndpoint>,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let result = match (request.uri().path(), request.method()) {
+        ("/events", &Method::GET) => endpoint.handle(request).await,
+        ("/events", _) => Err(ApiError::MethodNotAllowed),
+        _ => Err(ApiError::NotFound),
+    };
+    Ok(result.unwrap_or_else(ApiError::into_response))
+}
+
+/// Routes of the admin listener.
+pub(crate) async fn route_admin(
+    endpoint: Arc<AdminEndpoint>,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let result = match (request.uri().path(), request.method()) {
+        ("/healthz", &Method::GET) => Ok(endpoint.healthz()),
+        ("/readyz", &Method::GET) => Ok(endpoint.readyz()),
+        ("/healthz" | "/readyz", _) => Err(ApiError::MethodNotAllowed),
+        _ => Err(ApiError::NotFound),
+    };
+    Ok(result.unwrap_or_else(ApiError::into_response))
+}
+
+/// Accepts connections on `listener` and serves each with `handle` (HTTP/1.1 and h2c) until
+/// `stop` is cancelled; then waits up to `grace` for open connections to finish.
+pub(crate) async fn serve<E, F, Fut>(
+    listener: TcpListener,
+    endpoint: Arc<E>,
+    handle: F,
+    stop: CancellationToken,
+    grace: Duration,
+) where
+    E: Send + Sync + 'static,
+    F: Fn(Arc<E>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
+{
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    let local = listener.local_addr().ok();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(e) if is_per_connection_error(&e) => continue,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning on the error.
+                tracing::error!(error = %e, "accept failed; pausing accepts for 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let endpoint = endpoint.clone();
+        let service = service_fn(move |request| handle(endpoint.clone(), request));
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let open = graceful.count();
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?local,
+            open,
+            "shutdown grace period expired; closing remaining connections"
+        );
+    }
+}
+
+fn is_per_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted
+    )
+}

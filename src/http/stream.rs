@@ -1,0 +1,190 @@
+//! The body of one SSE response: a cursor over the hub, woken when its channels change.
+//!
+//! The stream holds no queue of its own. When woken it reads everything after its cursor from
+//! the rings (already-encoded, shared frames), hands those frames to hyper, which writes them
+//! together, and moves the cursor to the head it read up to. Gaps and fall-offs become
+//! `gateway.reset` events, so a client never sees a silent hole.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use tokio::time::{Instant, Sleep};
+use tokio_stream::wrappers::WatchStream;
+use tokio_stream::{Stream, StreamMap};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::hub::{EntryKind, Hub, Lease};
+use crate::sse;
+
+/// Reasons carried by `gateway.reset`; part of the public contract.
+pub(crate) mod reset_reason {
+    /// The resume id is malformed, from another epoch, or ahead of the head.
+    pub(crate) const UNKNOWN_POSITION: &str = "unknown_position";
+    /// The ring no longer reaches back to the client's position.
+    pub(crate) const HISTORY_EXPIRED: &str = "history_expired";
+    /// The Redis subscription was down; messages in that window are lost.
+    pub(crate) const UPSTREAM_INTERRUPTED: &str = "upstream_interrupted";
+}
+
+/// An open SSE stream over the channels of one [`Lease`].
+pub(crate) struct EventStream {
+    hub: Arc<Hub>,
+    lease: Lease,
+    /// Everything up to this position has been sent (or did not concern this stream).
+    cursor: u64,
+    /// Frames read but not yet handed to hyper.
+    pending: VecDeque<Bytes>,
+    /// Fires when any leased channel changes.
+    wake: StreamMap<usize, WatchStream<()>>,
+    heartbeat: Pin<Box<Sleep>>,
+    heartbeat_every: Duration,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    finished: bool,
+}
+
+/// What a new stream starts from.
+pub(crate) struct StreamStart<'a> {
+    /// The client's resume id, if it sent a non-empty one.
+    pub(crate) resume_from: Option<&'a str>,
+    /// Advertised reconnection delay.
+    pub(crate) retry_ms: u64,
+    /// Silence after which a heartbeat comment is sent.
+    pub(crate) heartbeat: Duration,
+}
+
+impl EventStream {
+    /// Opens a stream whose channels are all subscribed. Queues the preamble, any
+    /// `unknown_position` reset, and the replay of what the client missed.
+    pub(crate) fn open(
+        hub: Arc<Hub>,
+        lease: Lease,
+        start: StreamStart<'_>,
+        shutdown: CancellationToken,
+    ) -> EventStream {
+        // Watch before reading, so a change between the read and the first poll still wakes us.
+        let mut wake = StreamMap::new();
+        for (index, receiver) in lease.watchers().into_iter().enumerate() {
+            wake.insert(index, WatchStream::from_changes(receiver));
+        }
+        let head = hub.head();
+        let resumed = start
+            .resume_from
+            .map(|id| hub.epoch().parse_position(id).filter(|p| *p <= head));
+        let cursor = match resumed {
+            Some(Some(position)) => position,
+            None | Some(None) => head,
+        };
+        let mut stream = EventStream {
+            pending: VecDeque::new(),
+            wake,
+            heartbeat: Box::pin(tokio::time::sleep(start.heartbeat)),
+            heartbeat_every: start.heartbeat,
+            shutdown: Box::pin(shutdown.cancelled_owned()),
+            finished: false,
+            cursor,
+            lease,
+            hub,
+        };
+        let position = stream.hub.epoch().id(cursor);
+        stream
+            .pending
+            .push_back(sse::encode_preamble(start.retry_ms, position));
+        if let Some(None) = resumed {
+            let names: Vec<&str> = stream.lease.names().collect();
+            let reset = sse::encode_reset(position, reset_reason::UNKNOWN_POSITION, &names);
+            stream.pending.push_back(reset);
+        } else {
+            stream.read_new_entries();
+        }
+        stream
+    }
+
+    /// Moves everything after the cursor into `pending`, turning gaps and fall-offs into resets.
+    fn read_new_entries(&mut self) {
+        let batch = self.hub.read(&self.lease, self.cursor);
+        let epoch = self.hub.epoch();
+        let mut items = batch.items.iter().peekable();
+        while let Some((channel, entry)) = items.next() {
+            match &entry.kind {
+                EntryKind::Event { frame, .. } => self.pending.push_back(frame.clone()),
+                EntryKind::Gap => {
+                    // One reconnect puts a gap at the same position in every channel it hit:
+                    // report them together.
+                    let mut names = vec![self.lease.name(*channel)];
+                    while let Some((other, _)) = items.next_if(|(_, next)| {
+                        next.seq == entry.seq && matches!(next.kind, EntryKind::Gap)
+                    }) {
+                        names.push(self.lease.name(*other));
+                    }
+                    let id = epoch.id(entry.seq);
+                    let reset = sse::encode_reset(id, reset_reason::UPSTREAM_INTERRUPTED, &names);
+                    self.pending.push_back(reset);
+                }
+            }
+        }
+        if !batch.fell_off.is_empty() {
+            let names: Vec<&str> = batch.fell_off.iter().map(|i| self.lease.name(*i)).collect();
+            let id = epoch.id(batch.limit);
+            let reset = sse::encode_reset(id, reset_reason::HISTORY_EXPIRED, &names);
+            self.pending.push_back(reset);
+        }
+        self.cursor = batch.limit;
+    }
+
+    fn restart_heartbeat(&mut self) {
+        let next = Instant::now() + self.heartbeat_every;
+        self.heartbeat.as_mut().reset(next);
+    }
+}
+
+impl Body for EventStream {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(frame) = this.pending.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(frame))));
+            }
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            if this.shutdown.as_mut().poll(cx).is_ready() {
+                this.finished = true;
+                continue;
+            }
+            match Pin::new(&mut this.wake).poll_next(cx) {
+                Poll::Ready(Some(_)) => {
+                    this.read_new_entries();
+                    if !this.pending.is_empty() {
+                        this.restart_heartbeat();
+                    }
+                    continue;
+                }
+                // Every channel's sender is gone: only when the hub itself is being dropped.
+                Poll::Ready(None) => {
+                    this.finished = true;
+                    continue;
+                }
+                Poll::Pending => {}
+            }
+            if this.heartbeat.as_mut().poll(cx).is_ready() {
+                this.restart_heartbeat();
+                this.pending.push_back(Bytes::from_static(sse::HEARTBEAT));
+                continue;
+            }
+            return Poll::Pending;
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! The hub: every channel the gateway serves, its ring, and who is reading it.
+//!
+//! The hub is shared by the upstream task (the only writer: it assigns sequence numbers and
+//! appends) and the HTTP streams (readers: each holds a [`Lease`] on its channels and a cursor).
+//! There are no per-connection queues: a stream wakes when one of its channels changes and reads
+//! what it has not sent yet straight from the rings, so a slow client costs no memory.
+//!
+//! Positions are global: one counter orders the events of all channels, so a single id is a
+//! complete resume point for a stream over several channels.
+
+mod ring;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::config::Settings;
+use crate::sse::{self, Epoch};
+
+use ring::Ring;
+pub(crate) use ring::{Entry, EntryKind};
+
+/// A request from the hub to the upstream task: subscribe to a newly wanted channel.
+#[derive(Debug)]
+pub struct SubscribeRequest {
+    /// Channel name.
+    pub name: Arc<str>,
+    /// Identifies the channel incarnation, so a late confirmation of an earlier incarnation
+    /// (freed and wanted again meanwhile) is not mistaken for this one.
+    pub generation: u64,
+}
+
+/// Result of handing a Redis message to the hub.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// Appended at this position.
+    Appended {
+        /// Entries evicted from the ring to make room.
+        evicted: usize,
+    },
+    /// No one asked for this channel (or its subscription is not confirmed yet).
+    NotWanted,
+    /// The payload is not valid UTF-8, so it cannot be carried in SSE: dropped.
+    InvalidUtf8 {
+        /// True when this drop should be logged (rate limited per channel).
+        log: bool,
+    },
+}
+
+/// Bounds of each channel's history.
+#[derive(Clone, Copy, Debug)]
+struct HistoryLimits {
+    capacity: usize,
+    max_age: Duration,
+    linger: Duration,
+}
+
+/// Shared state of all channels. See the module docs.
+#[derive(Debug)]
+pub struct Hub {
+    epoch: Epoch,
+    /// The highest position whose entry is fully appended. Written only by the upstream task
+    /// (release), read by streams (acquire) before they read rings, so that every entry up to it
+    /// is visible in its ring.
+    head: AtomicU64,
+    channels: Mutex<HashMap<Arc<str>, Slot>>,
+    /// Sends subscription requests to the upstream task; closed when the hub is dropped.
+    subscribe_requests: mpsc::UnboundedSender<SubscribeRequest>,
+    /// True while the Redis subscription connection is up; the upstream task is the writer.
+    upstream_up: watch::Sender<bool>,
+    limits: HistoryLimits,
+    event_type_field: String,
+    next_generation: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    channel: Arc<Channel>,
+    /// Open streams reading this channel.
+    leases: usize,
+    /// When `leases` last dropped to zero; the channel is freed `linger` after that.
+    idle_since: Option<Instant>,
+}
+
+/// One channel: its ring and the signal that wakes its readers.
+#[derive(Debug)]
+pub struct Channel {
+    name: Arc<str>,
+    generation: u64,
+    state: RwLock<ChannelState>,
+    /// Bumped after every append or status change; streams hold receivers.
+    changed: watch::Sender<()>,
+}
+
+#[derive(Debug)]
+struct ChannelState {
+    ring: Ring,
+    status: Status,
+    /// When an invalid payload on this channel was last logged (log rate limiting).
+    last_invalid_log: Option<Instant>,
+}
+
+/// Where a channel's Redis subscription stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    /// Requested, never confirmed: nothing is readable yet.
+    Pending,
+    /// Confirmed and the connection is up: the ring receives every message.
+    Subscribed,
+    /// Was subscribed, but the connection dropped: messages are being lost until it is back.
+    Interrupted,
+}
+
+/// How often a channel may log dropped invalid payloads.
+const INVALID_PAYLOAD_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+impl Hub {
+    /// Creates the hub and the receiving end of its subscription requests (for the upstream).
+    pub fn new(settings: &Settings) -> (Arc<Hub>, mpsc::UnboundedReceiver<SubscribeRequest>) {
+        let (subscribe_requests, requests) = mpsc::unbounded_channel();
+        let hub = Hub {
+            epoch: Epoch::random(),
+            head: AtomicU64::new(0),
+            channels: Mutex::new(HashMap::new()),
+            subscribe_requests,
+            upstream_up: watch::Sender::new(false),
+            limits: HistoryLimits {
+                capacity: settings.history.capacity,
+                max_age: Duration::from_secs(settings.history.max_age_secs),
+                linger: Duration::from_secs(settings.history.linger_secs),
+            },
+            event_type_field: settings.sse.event_type_field.clone(),
+            next_generation: AtomicU64::new(1),
+        };
+        (Arc::new(hub), requests)
+    }
+
+    /// The epoch of this run; ids carry it.
+    pub fn epoch(&self) -> &Epoch {
+        &self.epoch
+    }
+
+    /// The current head position.
+    pub fn head(&self) -> u64 {
+        self.head.load(Ordering::Acquire)
+    }
+
+    /// Whether the Redis subscription connection is up.
+    pub fn upstream_up(&self) -> bool {
+        *self.upstream_up.borrow()
+    }
+
+    /// Number of channels held (subscribed, pending or lingering).
+    pub fn channel_count(&self) -> usize {
+        self.channels.lock().len()
+    }
+
+    /// Registers a reader on `names`, creating and requesting subscriptions where needed.
+    pub fn acquire(self: &Arc<Self>, names: &[String]) -> Lease {
+        let mut channels = Vec::with_capacity(names.len());
+        let mut map = self.channels.lock();
+        for name in names {
+            let slot = match map.get_mut(name.as_str()) {
+                Some(slot) => slot,
+                None => {
+                    let channel = self.new_channel(name);
+                    map.entry(channel.name.clone()).or_insert(Slot {
+                        channel,
+                        leases: 0,
+                        idle_since: None,
+                    })
+                }
+            };
+            slot.leases += 1;
+            slot.idle_since = None;
+            channels.push(slot.channel.clone());
+        }
+        drop(map);
+        Lease {
+            hub: self.clone(),
+            channels,
+        }
+    }
+
+    fn new_channel(&self, name: &str) -> Arc<Channel> {
+        let name: Arc<str> = Arc::from(name);
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        // If the upstream task is gone the gateway is shutting down; the stream then times out
+        // waiting for confirmation, which is the right answer.
+        let _ = self.subscribe_requests.send(SubscribeRequest {
+            name: name.clone(),
+            generation,
+        });
+        Arc::new(Channel {
+            name,
+            generation,
+            state: RwLock::new(ChannelState {
+                ring: Ring::new(0, self.limits.capacity, self.limits.max_age),
+                status: Status::Pending,
+                last_invalid_log: None,
+            }),
+            changed: watch::Sender::new(()),
+        })
+    }
+
+    fn release(&self, channels: &[Arc<Channel>]) {
+        let now = Instant::now();
+        let mut map = self.channels.lock();
+        for channel in channels {
+            if let Some(slot) = map.get_mut(&channel.name) {
+                slot.leases = slot.leases.saturating_sub(1);
+                if slot.leases == 0 {
+                    slot.idle_since = Some(now);
+                }
+            }
+        }
+    }
+
+    /// Waits until the Redis subscription of every leased channel is confirmed. Returns false
+    /// when `timeout` passes first.
+    pub async fn wait_subscribed(&self, lease: &Lease, timeout: Duration) -> bool {
+        let wait_all = async {
+            for channel in &lease.channels {
+                // Subscribe before checking, so a confirmation in between still wakes us.
+                let mut changed = channel.changed.subscribe();
+                while channel.state.read().status != Status::Subscribed {
+                    if changed.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait_all).await.is_ok() && lease.all_subscribed()
+    }
+
+    /// Reads, for a stream at `cursor`, everything its channels received up to the head.
+    pub(crate) fn read(&self, lease: &Lease, cursor: u64) -> Batch {
+        // Load the head before reading rings: every entry up to it is already appended, so no
+        // entry below the new cursor can be missed by a ring read that raced an append.
+        let limit = self.head();
+        let mut batch = Batch {
+            items: Vec::new(),
+            fell_off: Vec::new(),
+            limit,
+        };
+        for (index, channel) in lease.channels.iter().enumerate() {
+            let state = channel.state.read();
+            let read = state.ring.read_after(cursor, limit, |entry| {
+                batch.items.push((index, entry.clone()));
+            });
+            if read.is_err() {
+                batch.fell_off.push(index);
+            }
+        }
+        if lease.channels.len() > 1 {
+            // Stable: entries sharing a position (one gap across channels) keep channel order.
+            batch.items.sort_by_key(|(_, entry)| entry.seq);
+        }
+        batch
+    }
+
+    // ----- Upstream side: only the upstream task calls these. -----
+
+    /// Makes the next position the head. Single writer: the upstream task.
+    fn advance_head(&self) -> u64 {
+        let seq = self.head.load(Ordering::Relaxed) + 1;
+        self.head.store(seq, Ordering::Release);
+        seq
+    }
+
+    /// Appends a Redis message to its channel's ring.
+    pub fn publish(&self, name: &str, payload: &[u8], received_at: Instant) -> PublishOutcome {
+        let Some(channel) = self.channels.lock().get(name).map(|s| s.channel.clone()) else {
+            return PublishOutcome::NotWanted;
+        };
+        let mut state = channel.state.write();
+        if state.status != Status::Subscribed {
+            // Before confirmation no client has been promised this message.
+            return PublishOutcome::NotWanted;
+        }
+        let Ok(text) = std::str::from_utf8(payload) else {
+            let log = state
+                .last_invalid_log
+                .is_none_or(|at| received_at.duration_since(at) >= INVALID_PAYLOAD_LOG_INTERVAL);
+            if log {
+                state.last_invalid_log = Some(received_at);
+            }
+            return PublishOutcome::InvalidUtf8 { log };
+        };
+        let seq = self.head.load(Ordering::Relaxed) + 1;
+        let event_type = sse::event_type_of(text, &self.event_type_field);
+        let frame = sse::encode_event(self.epoch.id(seq), event_type.as_deref(), text);
+        let evicted = state.ring.push(Entry {
+            seq,
+            kind: EntryKind::Event { frame, received_at },
+            appended_at: received_at,
+        });
+        drop(state);
+        self.advance_head();
+        channel.changed.send_replace(());
+        PublishOutcome::Appended { evicted }
+    }
+
+    /// Marks the confirmed subscriptions among `confirmed` as live, all at one new position.
+    /// A channel seen for the first time starts its history there; a channel whose subscription
+    /// was interrupted gets a gap entry there, so its readers learn messages may be lost.
+    pub fn mark_subscribed(&self, confirmed: &[SubscribeRequest]) {
+        let channels: Vec<Arc<Channel>> = {
+            let map = self.channels.lock();
+            confirmed
+                .iter()
+                .filter_map(|request| {
+                    map.get(&request.name)
+                        .filter(|slot| slot.channel.generation == request.generation)
+                })
+                .map(|slot| slot.channel.clone())
+                .collect()
+        };
+        let seq = self.head.load(Ordering::Relaxed) + 1;
+        let now = Instant::now();
+        for channel in &channels {
+            let mut state = channel.state.write();
+            match state.status {
+                Status::Pending => state.ring.start_at(seq),
+                Status::Interrupted => {
+                    state.ring.push(Entry {
+                        seq,
+                        kind: EntryKind::Gap,
+                        appended_at: now,
+                    });
+                }
+                Status::Subscribed => continue,
+            }
+            state.status = Status::Subscribed;
+        }
+        self.advance_head();
+        for channel in &channels {
+            channel.changed.send_replace(());
+        }
+    }
+
+    /// Every channel currently held, as requests to subscribe again after a reconnect.
+    pub fn subscriptions(&self) -> Vec<SubscribeRequest> {
+        self.channels
+            .lock()
+            .values()
+            .map(|slot| SubscribeRequest {
+                name: slot.channel.name.clone(),
+                generation: slot.channel.generation,
+            })
+            .collect()
+    }
+
+    /// Records whether the Redis subscription connection is up. When it goes down, every
+    /// subscribed channel becomes interrupted: it will get a gap when it is restored.
+    pub fn set_upstream_up(&self, up: bool) {
+        if !up {
+            for slot in self.channels.lock().values() {
+                let mut state = slot.channel.state.write();
+                if state.status == Status::Subscribed {
+                    state.status = Status::Interrupted;
+                }
+            }
+        }
+        self.upstream_up.send_replace(up);
+    }
+
+    /// Frees channels nobody has read for `linger`, and evicts entries older than `max_age`.
+    /// Returns the freed channel names (to unsubscribe) and the number of evicted entries.
+    pub fn sweep(&self, now: Instant) -> (Vec<Arc<str>>, usize) {
+        let linger = self.limits.linger;
+        let mut freed = Vec::new();
+        let mut evicted = 0;
+        self.channels.lock().retain(|name, slot| {
+            let expired = slot
+                .idle_since
+                .is_some_and(|since| now.saturating_duration_since(since) >= linger);
+            if expired {
+                freed.push(name.clone());
+            } else {
+                evicted += slot.channel.state.write().ring.evict_expired(now);
+            }
+            !expired
+        });
+        (freed, evicted)
+    }
+
+    /// Entries and encoded bytes held in all rings.
+    pub fn history_size(&self) -> (usize, usize) {
+        self.channels
+            .lock()
+            .values()
+            .map(|slot| {
+                let state = slot.channel.state.read();
+                (state.ring.len(), state.ring.bytes())
+            })
+            .fold((0, 0), |(n, b), (len, bytes)| (n + len, b + bytes))
+    }
+}
+
+/// A stream's hold on its channels: keeps them alive and subscribed; released on drop.
+#[derive(Debug)]
+pub struct Lease {
+    hub: Arc<Hub>,
+    channels: Vec<Arc<Channel>>,
+}
+
+impl Lease {
+    /// The leased channel names, in request order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.channels.iter().map(|c| &*c.name)
+    }
+
+    /// The name of the channel at `index` (as used in [`Batch`]).
+    pub(crate) fn name(&self, index: usize) -> &str {
+        self.channels.get(index).map_or("", |c| &c.name)
+    }
+
+    /// Receivers that fire when any leased channel changes.
+    pub(crate) fn watchers(&self) -> Vec<watch::Receiver<()>> {
+        self.channels
+            .iter()
+            .map(|c| c.changed.subscribe())
+            .collect()
+    }
+
+    fn all_subscribed(&self) -> bool {
+        self.channels
+            .iter()
+            .all(|c| c.state.read().status == Status::Subscribed)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.hub.release(&self.channels);
+    }
+}
+
+/// What a stream has to send after one read of its channels.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    /// Entries after the cursor, in position order, with the index of their channel.
+    pub(crate) items: Vec<(usize, Entry)>,
+    /// Channels whose ring no longer reaches back to the cursor.
+    pub(crate) fell_off: Vec<usize>,
+    /// The head this read covered: the stream's cursor after sending the batch.
+    pub(crate) limit: u64,
+}

@@ -1,0 +1,236 @@
+//! The per-channel ring: the live fan-out buffer and the resumption history at once.
+//!
+//! A ring holds the most recent entries of one channel in sequence order, bounded by a count and
+//! an age. It remembers the highest sequence it can no longer vouch for (`complete_since`), so a
+//! reader whose cursor is older learns that it fell off instead of silently skipping events.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+/// One position in a channel's history.
+#[derive(Clone, Debug)]
+pub(crate) struct Entry {
+    /// Global sequence number: orders entries across all channels of this gateway.
+    pub(crate) seq: u64,
+    /// What happened at this position.
+    pub(crate) kind: EntryKind,
+    /// When the entry was appended, for age-based eviction.
+    pub(crate) appended_at: Instant,
+}
+
+/// What a ring entry stands for.
+#[derive(Clone, Debug)]
+pub(crate) enum EntryKind {
+    /// A published message, already SSE-encoded with its id; shared by every reader.
+    Event {
+        /// The complete SSE frame.
+        frame: Bytes,
+        /// When the upstream read the message from Redis (for latency accounting).
+        #[allow(dead_code, reason = "read by the fan-out latency metric")]
+        received_at: Instant,
+    },
+    /// The Redis subscription was interrupted just before this position: messages may be lost.
+    Gap,
+}
+
+impl EntryKind {
+    fn byte_len(&self) -> usize {
+        match self {
+            EntryKind::Event { frame, .. } => frame.len(),
+            EntryKind::Gap => 0,
+        }
+    }
+}
+
+/// A reader's cursor is older than what the ring can still prove complete.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct FellOff;
+
+/// Bounded history of one channel.
+#[derive(Debug)]
+pub(crate) struct Ring {
+    entries: VecDeque<Entry>,
+    /// The ring holds every entry of this channel with a sequence greater than this. It moves
+    /// forward when an entry is evicted, and starts at the position where the subscription was
+    /// confirmed (nothing before that was seen).
+    complete_since: u64,
+    /// Sum of the encoded frame sizes, for memory accounting.
+    bytes: usize,
+    capacity: usize,
+    max_age: Duration,
+}
+
+impl Ring {
+    /// An empty ring that is complete from position `complete_since` on.
+    pub(crate) fn new(complete_since: u64, capacity: usize, max_age: Duration) -> Self {
+        Ring {
+            entries: VecDeque::new(),
+            complete_since,
+            bytes: 0,
+            capacity: capacity.max(1),
+            max_age,
+        }
+    }
+
+    /// Appends an entry (its sequence must exceed every entry's so far) and evicts by count.
+    /// Returns how many entries were evicted.
+    pub(crate) fn push(&mut self, entry: Entry) -> usize {
+        debug_assert!(self.entries.back().is_none_or(|last| last.seq < entry.seq));
+        self.bytes += entry.kind.byte_len();
+        self.entries.push_back(entry);
+        let mut evicted = 0;
+        while self.entries.len() > self.capacity {
+            self.evict_oldest();
+            evicted += 1;
+        }
+        evicted
+    }
+
+    /// Evicts entries appended more than `max_age` before `now`. Returns how many.
+    pub(crate) fn evict_expired(&mut self, now: Instant) -> usize {
+        let mut evicted = 0;
+        while self
+            .entries
+            .front()
+            .is_some_and(|oldest| now.saturating_duration_since(oldest.appended_at) > self.max_age)
+        {
+            self.evict_oldest();
+            evicted += 1;
+        }
+        evicted
+    }
+
+    fn evict_oldest(&mut self) {
+        if let Some(oldest) = self.entries.pop_front() {
+            self.bytes -= oldest.kind.byte_len();
+            self.complete_since = oldest.seq;
+        }
+    }
+
+    /// Restarts the history at `position`: used when a subscription is first confirmed.
+    pub(crate) fn start_at(&mut self, position: u64) {
+        self.entries.clear();
+        self.bytes = 0;
+        self.complete_since = position;
+    }
+
+    /// Visits the entries with `cursor < seq <= limit`, oldest first, or fails when entries
+    /// after `cursor` may have been evicted already.
+    pub(crate) fn read_after(
+        &self,
+        cursor: u64,
+        limit: u64,
+        visit: impl FnMut(&Entry),
+    ) -> Result<(), FellOff> {
+        if cursor < self.complete_since {
+            return Err(FellOff);
+        }
+        let start = self.entries.partition_point(|e| e.seq <= cursor);
+        self.entries
+            .range(start..)
+            .take_while(|e| e.seq <= limit)
+            .for_each(visit);
+        Ok(())
+    }
+
+    /// Number of entries held.
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Bytes of encoded frames held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64, at: Instant) -> Entry {
+        Entry {
+            seq,
+            kind: EntryKind::Event {
+                frame: Bytes::from(format!("frame {seq}")),
+                received_at: at,
+            },
+            appended_at: at,
+        }
+    }
+
+    fn seqs(ring: &Ring, cursor: u64, limit: u64) -> Result<Vec<u64>, FellOff> {
+        let mut out = Vec::new();
+        ring.read_after(cursor, limit, |e| out.push(e.seq))?;
+        Ok(out)
+    }
+
+    #[test]
+    fn reads_entries_after_cursor_up_to_limit() {
+        let now = Instant::now();
+        let mut ring = Ring::new(10, 100, Duration::from_secs(60));
+        for seq in [11, 13, 17, 20] {
+            ring.push(event(seq, now));
+        }
+        assert_eq!(seqs(&ring, 10, 100), Ok(vec![11, 13, 17, 20]));
+        assert_eq!(seqs(&ring, 12, 17), Ok(vec![13, 17]));
+        assert_eq!(seqs(&ring, 20, 100), Ok(vec![]));
+        // A cursor between entries of this channel is fine: positions are global.
+        assert_eq!(seqs(&ring, 15, 100), Ok(vec![17, 20]));
+    }
+
+    #[test]
+    fn cursor_before_subscription_start_falls_off() {
+        let ring = Ring::new(10, 100, Duration::from_secs(60));
+        assert_eq!(seqs(&ring, 9, 100), Err(FellOff));
+        assert_eq!(seqs(&ring, 10, 100), Ok(vec![]));
+    }
+
+    #[test]
+    fn evicts_by_count_and_moves_completeness_forward() {
+        let now = Instant::now();
+        let mut ring = Ring::new(0, 3, Duration::from_secs(60));
+        let evicted: usize = (1..=5).map(|seq| ring.push(event(seq, now))).sum();
+        assert_eq!(evicted, 2);
+        assert_eq!(ring.len(), 3);
+        assert_eq!(seqs(&ring, 2, 100), Ok(vec![3, 4, 5]));
+        assert_eq!(seqs(&ring, 1, 100), Err(FellOff));
+        assert_eq!(ring.bytes(), "frame 3".len() * 3);
+    }
+
+    #[test]
+    fn evicts_by_age() {
+        let start = Instant::now();
+        let mut ring = Ring::new(0, 100, Duration::from_secs(5));
+        ring.push(event(1, start));
+        ring.push(event(2, start + Duration::from_secs(3)));
+        assert_eq!(ring.evict_expired(start + Duration::from_secs(5)), 0);
+        assert_eq!(ring.evict_expired(start + Duration::from_secs(6)), 1);
+        assert_eq!(seqs(&ring, 1, 100), Ok(vec![2]));
+        assert_eq!(seqs(&ring, 0, 100), Err(FellOff));
+        assert_eq!(ring.evict_expired(start + Duration::from_secs(9)), 1);
+        assert_eq!(ring.len(), 0);
+        assert_eq!(ring.bytes(), 0);
+        assert_eq!(seqs(&ring, 2, 100), Ok(vec![]));
+    }
+
+    #[test]
+    fn gap_entries_are_read_in_order() {
+        let now = Instant::now();
+        let mut ring = Ring::new(0, 10, Duration::from_secs(60));
+        ring.push(event(1, now));
+        ring.push(Entry {
+            seq: 2,
+            kind: EntryKind::Gap,
+            appended_at: now,
+        });
+        ring.push(event(3, now));
+        let mut out = Vec::new();
+        assert_eq!(ring.read_after(0, 3, |e| out.push(e.clone())), Ok(()));
+        assert!(matches!(out[1].kind, EntryKind::Gap));
+        assert_eq!(out.len(), 3);
+    }
+}

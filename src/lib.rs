@@ -1,0 +1,142 @@
+//! ssehub: a gateway that turns Redis pub/sub into Server-Sent Events for browsers.
+//!
+//! # Layout
+//!
+//! - [`config`]: the `Settings` tree, read from `config.toml` and `SSEHUB__*` variables.
+//! - [`channels`]: channel names and the glob patterns that make channels public.
+//! - [`upstream`]: the task that owns the Redis subscription connection and its reconnects.
+//! - [`hub`]: every served channel with its ring (live fan-out buffer and resume history).
+//! - [`sse`]: the wire encoding (events, resets, heartbeats, ids).
+//! - `http`: the public `/events` listener, the admin listener, graceful shutdown.
+//!
+//! Data flows one way: Redis → upstream → hub (sequence, encode once, append) → each stream
+//! reads from the rings at its own cursor → socket.
+//!
+//! [`run`] is the one entry point: `main.rs` calls it with the configured listeners and the
+//! process signals; tests call it with listeners on port 0 and their own shutdown future.
+
+pub mod channels;
+pub mod config;
+mod http;
+pub mod hub;
+pub mod sse;
+pub mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Settings;
+
+/// How long the admin listener waits for its own connections at exit.
+const ADMIN_GRACE: Duration = Duration::from_secs(1);
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} (configuration key `{key}`): {source}")]
+    Bind {
+        /// The configuration key holding the address.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// The bound sockets the gateway serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Public SSE listener (`server.listen`).
+    pub public: TcpListener,
+    /// Admin listener (`admin.listen`).
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses from `settings`.
+    pub async fn bind(settings: &Settings) -> Result<Listeners, StartError> {
+        let bind = |key: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { key, addr, source })
+        };
+        Ok(Listeners {
+            public: bind("server.listen", settings.server.listen).await?,
+            admin: bind("admin.listen", settings.admin.listen).await?,
+        })
+    }
+}
+
+/// Runs the gateway until `shutdown` resolves, then drains within `server.shutdown_grace_secs`.
+pub async fn run(
+    settings: Settings,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let settings = Arc::new(settings.validated()?);
+    let invalid = |key, message| config::ConfigError::Invalid { key, message };
+    let redis = redis::Client::open(settings.redis.url.as_str())
+        .map_err(|e| invalid("redis.url", e.to_string()))?;
+    let public = channels::PublicChannels::new(&settings.channels.public)
+        .map_err(|e| invalid("channels.public", e))?;
+
+    let (hub, subscribe_requests) = hub::Hub::new(&settings);
+    let stop = CancellationToken::new();
+    let upstream = tokio::spawn(upstream::run(
+        redis,
+        hub.clone(),
+        subscribe_requests,
+        settings.redis.clone(),
+        stop.clone(),
+    ));
+
+    let events = Arc::new(http::EventsEndpoint {
+        hub: hub.clone(),
+        public,
+        settings: settings.clone(),
+        shutdown: stop.clone(),
+    });
+    let public_server = tokio::spawn(http::serve(
+        listeners.public,
+        events,
+        http::route_public,
+        stop.clone(),
+        settings.shutdown_grace(),
+    ));
+    // The admin listener outlives the public one, so probes keep answering while draining.
+    let admin_stop = CancellationToken::new();
+    let admin = Arc::new(http::AdminEndpoint { hub: hub.clone() });
+    let admin_server = tokio::spawn(http::serve(
+        listeners.admin,
+        admin,
+        http::route_admin,
+        admin_stop.clone(),
+        ADMIN_GRACE,
+    ));
+    tracing::info!(
+        listen = %settings.server.listen,
+        admin = %settings.admin.listen,
+        epoch = %hub.epoch(),
+        "ssehub started"
+    );
+
+    shutdown.await;
+    tracing::info!("shutdown requested: ending streams");
+    stop.cancel();
+    let _ = public_server.await;
+    let _ = upstream.await;
+    admin_stop.cancel();
+    let _ = admin_server.await;
+    tracing::info!("ssehub stopped");
+    Ok(())
+}

@@ -1,0 +1,256 @@
+//! SSE wire encoding: the one place that turns events, resets and heartbeats into bytes.
+//!
+//! Owns event ids (`<epoch>-<sequence>`), the frame layout and the rule that a payload can never
+//! inject a field or a second event: every line break (`\n`, `\r\n` or a lone `\r`) starts a new
+//! `data:` line. It does not decide *what* to send; the hub and the HTTP stream do that.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+/// The event name of the frame that tells a client it cannot be resumed seamlessly.
+pub const RESET_EVENT: &str = "gateway.reset";
+
+/// A heartbeat: an SSE comment line, ignored by clients, that keeps proxies from closing the
+/// stream and lets the server notice dead peers through failed writes.
+pub const HEARTBEAT: &[u8] = b":\n\n";
+
+/// Identifies one gateway run. Ids carry it so that an id from another instance or from an
+/// earlier run of this one is recognised as foreign instead of being misread as a position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Epoch(String);
+
+impl Epoch {
+    /// A fresh random epoch for this process run.
+    pub fn random() -> Self {
+        Epoch(format!("{:016x}", rand::random::<u64>()))
+    }
+
+    /// Formats the event id of position `seq` in this epoch.
+    pub fn id(&self, seq: u64) -> EventId<'_> {
+        EventId { epoch: self, seq }
+    }
+
+    /// Parses a client-supplied resume id. `None` when it is malformed or from another epoch.
+    pub fn parse_position(&self, id: &str) -> Option<u64> {
+        let (epoch, seq) = id.split_once('-')?;
+        if epoch != self.0 || seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        seq.parse().ok()
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A position in the gateway's global event order, formatted as `<epoch>-<sequence>`.
+#[derive(Clone, Copy, Debug)]
+pub struct EventId<'a> {
+    epoch: &'a Epoch,
+    seq: u64,
+}
+
+impl fmt::Display for EventId<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.epoch.0, self.seq)
+    }
+}
+
+/// Encodes one event: `id:`, optional `event:`, then the payload as `data:` lines.
+pub fn encode_event(id: EventId<'_>, event_type: Option<&str>, data: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(data.len() + 64);
+    put_field(&mut out, "id", &id.to_string());
+    if let Some(event_type) = event_type {
+        put_field(&mut out, "event", event_type);
+    }
+    for line in split_lines(data) {
+        put_field(&mut out, "data", line);
+    }
+    out.put_u8(b'\n');
+    out.freeze()
+}
+
+/// The first frame of every stream: the reconnection delay and the position the stream starts
+/// from, as an id-only frame (sets the client's last event id without firing an event).
+pub fn encode_preamble(retry_ms: u64, id: EventId<'_>) -> Bytes {
+    Bytes::from(format!("retry: {retry_ms}\nid: {id}\n\n"))
+}
+
+/// Encodes a `gateway.reset` event for `channels`, positioned at `id`.
+pub fn encode_reset(id: EventId<'_>, reason: &str, channels: &[&str]) -> Bytes {
+    let data = serde_json::json!({ "reason": reason, "channels": channels }).to_string();
+    encode_event(id, Some(RESET_EVENT), &data)
+}
+
+fn put_field(out: &mut BytesMut, name: &str, value: &str) {
+    out.put_slice(name.as_bytes());
+    out.put_slice(b": ");
+    out.put_slice(value.as_bytes());
+    out.put_u8(b'\n');
+}
+
+/// Splits on `\r\n`, `\n` and lone `\r`, exactly as an EventSource parser ends lines, so each
+/// piece becomes its own `data:` line. A trailing line break yields a trailing empty line, which
+/// keeps the break in the data the client reassembles.
+fn split_lines(data: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(data);
+    std::iter::from_fn(move || {
+        let text = rest?;
+        match text.find(['\r', '\n']) {
+            None => {
+                rest = None;
+                Some(text)
+            }
+            Some(at) => {
+                let skip = if text[at..].starts_with("\r\n") { 2 } else { 1 };
+                rest = Some(&text[at + skip..]);
+                Some(&text[..at])
+            }
+        }
+    })
+}
+
+/// The SSE event type for a payload: the string at `field` when the payload is a JSON object
+/// holding a non-empty string there without CR or LF. Anything else yields `None` (the client
+/// then sees a default `message` event).
+pub fn event_type_of(payload: &str, field: &str) -> Option<String> {
+    if !payload.trim_start().starts_with('{') {
+        return None;
+    }
+    let mut deserializer = serde_json::Deserializer::from_str(payload);
+    let found = TypeField(field).deserialize(&mut deserializer).ok()?;
+    deserializer.end().ok()?;
+    found.filter(|t| !t.is_empty() && !t.contains(['\r', '\n']))
+}
+
+/// Reads one field of a JSON object and skips everything else without building a tree.
+struct TypeField<'f>(&'f str);
+
+impl<'de> DeserializeSeed<'de> for TypeField<'_> {
+    type Value = Option<String>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TypeField<'_> {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if key == self.0 {
+                // Later duplicates win, as in JavaScript's JSON.parse.
+                found = match map.next_value::<serde_json::Value>()? {
+                    serde_json::Value::String(s) => Some(s),
+                    _ => None,
+                };
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn epoch() -> Epoch {
+        Epoch("e".to_string())
+    }
+
+    fn encoded(data: &str) -> String {
+        String::from_utf8_lossy(&encode_event(epoch().id(7), None, data)).into_owned()
+    }
+
+    #[test]
+    fn single_line_payload_is_one_data_line() {
+        assert_eq!(encoded("hello"), "id: e-7\ndata: hello\n\n");
+    }
+
+    #[test]
+    fn every_kind_of_line_break_starts_a_new_data_line() {
+        assert_eq!(
+            encoded("a\nb\r\nc\rd"),
+            "id: e-7\ndata: a\ndata: b\ndata: c\ndata: d\n\n"
+        );
+    }
+
+    #[test]
+    fn injection_attempt_stays_inside_data_lines() {
+        let out = encoded("a\n\nevent: evil\ndata: x\r\rid: 9");
+        assert_eq!(
+            out,
+            "id: e-7\ndata: a\ndata: \ndata: event: evil\ndata: data: x\ndata: \ndata: id: 9\n\n"
+        );
+    }
+
+    #[test]
+    fn empty_payload_is_an_event_with_empty_data() {
+        assert_eq!(encoded(""), "id: e-7\ndata: \n\n");
+    }
+
+    #[test]
+    fn trailing_newline_is_kept_as_an_empty_last_line() {
+        assert_eq!(encoded("x\n"), "id: e-7\ndata: x\ndata: \n\n");
+    }
+
+    #[test]
+    fn event_type_comes_from_the_configured_json_field() {
+        let payload = r#"{"data":{"type":"inner"},"type":"OrderPlaced"}"#;
+        assert_eq!(
+            event_type_of(payload, "type").as_deref(),
+            Some("OrderPlaced")
+        );
+        assert_eq!(event_type_of(payload, "kind"), None);
+        let out = encode_event(epoch().id(1), Some("OrderPlaced"), payload);
+        assert!(out.starts_with(b"id: e-1\nevent: OrderPlaced\ndata: {"));
+    }
+
+    #[test]
+    fn event_type_is_ignored_when_unusable() {
+        for payload in [
+            r#"{"type":""}"#,
+            r#"{"type":"a\nb"}"#,
+            r#"{"type":"a\rb"}"#,
+            r#"{"type":5}"#,
+            r#"{"type":"x"} trailing"#,
+            r#"["type"]"#,
+            r#"{"type":"x""#,
+            "plain text",
+        ] {
+            assert_eq!(event_type_of(payload, "type"), None, "{payload}");
+        }
+    }
+
+    #[test]
+    fn positions_round_trip_and_foreign_ids_are_rejected() {
+        let epoch = epoch();
+        assert_eq!(epoch.parse_position(&epoch.id(42).to_string()), Some(42));
+        for foreign in ["f-42", "e-", "e-x", "e-+1", "42", "", "e-1-2", "e- 1"] {
+            assert_eq!(epoch.parse_position(foreign), None, "{foreign}");
+        }
+    }
+
+    #[test]
+    fn reset_lists_channels_as_json() {
+        let out = encode_reset(epoch().id(3), "history_expired", &["a", "b\"c"]);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "id: e-3\nevent: gateway.reset\ndata: {\"channels\":[\"a\",\"b\\\"c\"],\"reason\":\"history_expired\"}\n\n"
+        );
+    }
+}

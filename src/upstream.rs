@@ -1,0 +1,332 @@
+//! The upstream: the one task that owns the Redis subscription connection.
+//!
+//! It connects at start-up (retrying until Redis is there), SUBSCRIBEs when the hub asks for a
+//! channel, UNSUBSCRIBEs channels the hub freed after their linger, and hands every message to
+//! the hub, which sequences and stores it. It probes the connection with PING under a timeout so
+//! a half-open TCP connection is noticed too. When the connection is lost it marks every channel
+//! interrupted, reconnects with capped, jittered exponential backoff, subscribes everything again
+//! and records a gap in each restored channel, so resuming clients are told what was lost.
+//!
+//! Reconnection is owned here on purpose: the redis crate's `PubSub` stream simply ends when the
+//! server goes away, and `ConnectionManager`'s resubscription gives up after a long outage.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{PubSub, PubSubSink};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RedisSettings;
+use crate::hub::{Hub, PublishOutcome, SubscribeRequest};
+
+/// Most channels named in one SUBSCRIBE when restoring after a reconnect.
+const RESUBSCRIBE_CHUNK: usize = 1000;
+/// How often idle channels are freed and old history evicted.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Runs until `shutdown` is cancelled.
+pub async fn run(
+    client: redis::Client,
+    hub: Arc<Hub>,
+    mut requests: mpsc::UnboundedReceiver<SubscribeRequest>,
+    settings: RedisSettings,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(
+        Duration::from_millis(settings.reconnect_initial_ms),
+        Duration::from_millis(settings.reconnect_max_ms),
+    );
+    let mut connected_before = false;
+    while !shutdown.is_cancelled() {
+        let connect = tokio::time::timeout(
+            Duration::from_secs(settings.connect_timeout_secs),
+            client.get_async_pubsub(),
+        );
+        let failure = match connect.await {
+            Ok(Ok(pubsub)) => {
+                let mut session = Session {
+                    hub: &hub,
+                    requests: &mut requests,
+                    settings: &settings,
+                    shutdown: &shutdown,
+                };
+                match session.run(pubsub, &mut backoff, connected_before).await {
+                    SessionEnd::Shutdown => break,
+                    SessionEnd::Lost { was_up, reason } => {
+                        connected_before |= was_up;
+                        reason
+                    }
+                }
+            }
+            Ok(Err(e)) => format!("connect failed: {e}"),
+            Err(_) => "connect timed out".to_string(),
+        };
+        hub.set_upstream_up(false);
+        let delay = backoff.next_delay();
+        tracing::warn!(
+            reason = %failure,
+            retry_in_ms = delay.as_millis() as u64,
+            "redis subscription connection down"
+        );
+        wait_before_reconnect(&hub, delay, &shutdown).await;
+    }
+    hub.set_upstream_up(false);
+}
+
+/// Sleeps `delay` while still freeing idle channels and aging history.
+async fn wait_before_reconnect(hub: &Hub, delay: Duration, shutdown: &CancellationToken) {
+    let until = Instant::now() + delay;
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => return,
+            _ = shutdown.cancelled() => return,
+            _ = sweep.tick() => {
+                // Nothing to unsubscribe from: the next connection subscribes only what is left.
+                hub.sweep(Instant::now());
+            }
+        }
+    }
+}
+
+/// Why a connected session ended.
+enum SessionEnd {
+    Shutdown,
+    Lost {
+        /// Whether the session got as far as restoring subscriptions.
+        was_up: bool,
+        reason: String,
+    },
+}
+
+/// One connected period of the subscription connection.
+struct Session<'a> {
+    hub: &'a Arc<Hub>,
+    requests: &'a mut mpsc::UnboundedReceiver<SubscribeRequest>,
+    settings: &'a RedisSettings,
+    shutdown: &'a CancellationToken,
+}
+
+impl Session<'_> {
+    async fn run(
+        &mut self,
+        pubsub: PubSub,
+        backoff: &mut Backoff,
+        connected_before: bool,
+    ) -> SessionEnd {
+        let command_timeout = Duration::from_secs(self.settings.command_timeout_secs);
+        let (mut sink, mut messages) = pubsub.split();
+        if let Err(reason) = self.restore(&mut sink, command_timeout).await {
+            return SessionEnd::Lost {
+                was_up: false,
+                reason,
+            };
+        }
+        backoff.reset();
+        tracing::info!(
+            channels = self.hub.channel_count(),
+            reconnect = connected_before,
+            "redis subscription connection up"
+        );
+
+        let (commands, command_queue) = mpsc::unbounded_channel();
+        let (results_tx, mut results) = mpsc::unbounded_channel();
+        let worker = tokio::spawn(run_commands(
+            sink,
+            command_queue,
+            results_tx,
+            command_timeout,
+        ));
+        let _abort_worker = AbortOnDrop(worker);
+
+        let mut ping = tokio::time::interval_at(
+            Instant::now() + Duration::from_secs(self.settings.ping_interval_secs),
+            Duration::from_secs(self.settings.ping_interval_secs),
+        );
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        let lost = |reason: String| SessionEnd::Lost {
+            was_up: true,
+            reason,
+        };
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
+                message = messages.next() => match message {
+                    Some(message) => self.deliver(&message),
+                    None => return lost("connection closed".to_string()),
+                },
+                Some(first) = self.requests.recv() => {
+                    let mut batch = vec![first];
+                    while let Ok(more) = self.requests.try_recv() {
+                        batch.push(more);
+                    }
+                    let _ = commands.send(Command::Subscribe(batch));
+                }
+                result = results.recv() => match result {
+                    Some(Ok(Some(confirmed))) => self.hub.mark_subscribed(&confirmed),
+                    Some(Ok(None)) => {}
+                    Some(Err(reason)) => return lost(reason),
+                    None => return lost("command worker stopped".to_string()),
+                },
+                _ = ping.tick() => {
+                    let _ = commands.send(Command::Ping);
+                }
+                _ = sweep.tick() => {
+                    let (freed, _evicted) = self.hub.sweep(Instant::now());
+                    if !freed.is_empty() {
+                        tracing::debug!(channels = freed.len(), "unsubscribing idle channels");
+                        let _ = commands.send(Command::Unsubscribe(freed));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Subscribes every channel the hub holds, then marks them live at one position.
+    async fn restore(&mut self, sink: &mut PubSubSink, timeout: Duration) -> Result<(), String> {
+        // Queued requests are covered: the hub's list includes every channel created so far.
+        while self.requests.try_recv().is_ok() {}
+        let wanted = self.hub.subscriptions();
+        for chunk in wanted.chunks(RESUBSCRIBE_CHUNK) {
+            let names: Vec<&str> = chunk.iter().map(|r| &*r.name).collect();
+            with_timeout(timeout, "SUBSCRIBE", sink.subscribe(&names)).await?;
+        }
+        self.hub.mark_subscribed(&wanted);
+        self.hub.set_upstream_up(true);
+        Ok(())
+    }
+
+    fn deliver(&self, message: &redis::Msg) {
+        let channel = message.get_channel_name();
+        let outcome = self
+            .hub
+            .publish(channel, message.get_payload_bytes(), Instant::now());
+        if let PublishOutcome::InvalidUtf8 { log: true } = outcome {
+            tracing::warn!(
+                channel,
+                "dropped a payload that is not valid UTF-8 (logged at most once a minute per channel)"
+            );
+        }
+    }
+}
+
+/// What the command worker is asked to do on the subscription connection.
+enum Command {
+    Subscribe(Vec<SubscribeRequest>),
+    Unsubscribe(Vec<Arc<str>>),
+    Ping,
+}
+
+/// `Ok(Some(..))`: these subscriptions are confirmed. `Ok(None)`: done. `Err`: connection dead.
+type CommandResult = Result<Option<Vec<SubscribeRequest>>, String>;
+
+/// Runs commands one at a time, in order. Order matters: an UNSUBSCRIBE of a freed channel must
+/// reach Redis before the SUBSCRIBE of the same channel wanted again.
+async fn run_commands(
+    mut sink: PubSubSink,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    results: mpsc::UnboundedSender<CommandResult>,
+    timeout: Duration,
+) {
+    while let Some(command) = commands.recv().await {
+        let result = match command {
+            Command::Subscribe(batch) => {
+                let names: Vec<&str> = batch.iter().map(|r| &*r.name).collect();
+                with_timeout(timeout, "SUBSCRIBE", sink.subscribe(&names))
+                    .await
+                    .map(|()| Some(batch))
+            }
+            Command::Unsubscribe(names) => {
+                let names: Vec<&str> = names.iter().map(|n| &**n).collect();
+                with_timeout(timeout, "UNSUBSCRIBE", sink.unsubscribe(&names))
+                    .await
+                    .map(|()| None)
+            }
+            Command::Ping => with_timeout(timeout, "PING", sink.ping::<redis::Value>())
+                .await
+                .map(|_| None),
+        };
+        let failed = result.is_err();
+        if results.send(result).is_err() || failed {
+            return;
+        }
+    }
+}
+
+async fn with_timeout<T>(
+    timeout: Duration,
+    what: &str,
+    command: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(timeout, command).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(format!("{what} failed: {e}")),
+        Err(_) => Err(format!("{what} timed out after {timeout:?}")),
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Capped exponential backoff with "equal jitter": half the delay is fixed, half random, so a
+/// fleet of gateways does not reconnect to a restarted Redis in lockstep.
+#[derive(Debug)]
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max: max.max(initial),
+            attempt: 0,
+        }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .initial
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = ceiling / 2;
+        half + half.mul_f64(rand::random::<f64>())
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_exponentially_up_to_the_cap_with_jitter() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
+        let delays: Vec<Duration> = (0..8).map(|_| backoff.next_delay()).collect();
+        let ceilings = [100, 200, 400, 800, 1000, 1000, 1000, 1000];
+        for (delay, ceiling) in delays.iter().zip(ceilings) {
+            let ceiling = Duration::from_millis(ceiling);
+            assert!(
+                *delay >= ceiling / 2 && *delay <= ceiling,
+                "{delay:?} vs {ceiling:?}"
+            );
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+}
