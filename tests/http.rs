@@ -1,0 +1,152 @@
+//! The HTTP surface: request validation, errors as JSON, admin endpoints, shutdown, start-up.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+async fn expect_error(gateway: &TestGateway, path: &str, status: u16) -> TestResult<String> {
+    let (got, body) = get(gateway.addr, path, &[]).await?;
+    assert_eq!(got, status, "{path}: {body}");
+    let body: serde_json::Value = serde_json::from_str(&body)?;
+    let message = body["error"].as_str().ok_or("error body without message")?;
+    Ok(message.to_string())
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_with_a_json_error() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let mut settings = test_settings(&redis);
+    settings.channels.max_per_connection = 2;
+    let gateway = TestGateway::start_ready(settings).await?;
+    let long = format!("/events?channel={}", "x".repeat(257));
+    for path in [
+        "/events",
+        "/events?channel=",
+        "/events?channel=a%20b",
+        "/events?channel=%C3%A9",
+        long.as_str(),
+        "/events?channel=a&channel=b&channel=c",
+        "/events?channel=a&unknown=1",
+    ] {
+        expect_error(&gateway, path, 400).await?;
+    }
+    // Repeated names count once against the limit.
+    let mut ok = gateway.subscribe("channel=a&channel=b&channel=a").await?;
+    ok.next_block().await?;
+    gateway.stop().await
+}
+
+#[tokio::test]
+async fn channels_outside_the_public_patterns_get_403() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let mut settings = test_settings(&redis);
+    settings.channels.public = vec!["orders".to_string(), "user:*".to_string()];
+    let gateway = TestGateway::start_ready(settings).await?;
+    let message = expect_error(&gateway, "/events?channel=orders&channel=secret", 403).await?;
+    assert!(message.contains("secret"));
+    expect_error(&gateway, "/events?channel=*", 403).await?;
+    expect_error(&gateway, "/events?channel=orders2", 403).await?;
+    // Validation comes first: a bad request is 400 even when a channel is also forbidden.
+    expect_error(&gateway, "/events?channel=secret&bogus=1", 400).await?;
+    let mut ok = gateway
+        .subscribe("channel=orders&channel=user%3A42")
+        .await?;
+    ok.next_block().await?;
+    gateway.stop().await
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods_get_json_errors() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let gateway = TestGateway::start_ready(test_settings(&redis)).await?;
+    expect_error(&gateway, "/nope", 404).await?;
+    let (status, body) = request(gateway.addr, "POST", "/events?channel=a", &[]).await?;
+    assert_eq!(status, 405);
+    assert!(body.contains("error"));
+    let (status, _) = get(gateway.admin, "/nope", &[]).await?;
+    assert_eq!(status, 404);
+    gateway.stop().await
+}
+
+#[tokio::test]
+async fn healthz_and_readyz_answer_on_the_admin_listener() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let gateway = TestGateway::start_ready(test_settings(&redis)).await?;
+    let (status, body) = get(gateway.admin, "/healthz", &[]).await?;
+    assert_eq!((status, body.contains("ok")), (200, true));
+    let (status, _) = get(gateway.admin, "/readyz", &[]).await?;
+    assert_eq!(status, 200);
+    // The subscription connection exists before any client asked for a channel.
+    let mut conn = redis.connection().await?;
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut conn)
+        .await?;
+    let others = clients
+        .lines()
+        .filter(|l| !l.contains("cmd=client|list"))
+        .count();
+    assert_eq!(others, 1, "expected the gateway's connection in: {clients}");
+    gateway.stop().await
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_cleanly_and_returns() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let gateway = TestGateway::start_ready(test_settings(&redis)).await?;
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let mut client = gateway.subscribe("channel=bye").await?;
+        client.next_block().await?;
+        clients.push(client);
+    }
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), gateway.stop()).await??;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    for client in &mut clients {
+        // `expect_end` fails on a reset or truncated chunked body: the end must be clean.
+        client.expect_end(Duration::from_secs(2)).await?;
+    }
+    Ok(())
+}
+
+fn run_binary(args: &[&str], env: &[(&str, &str)]) -> TestResult<std::process::Output> {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ssehub"));
+    command.args(args).env_clear();
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    Ok(command.output()?)
+}
+
+#[test]
+fn bad_configuration_stops_start_up_naming_the_key() -> TestResult {
+    let dir = std::env::temp_dir().join(format!("ssehub-http-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 4] = [
+        ("[server]\nlisten = \"not an address\"\n", &[], "listen"),
+        ("[history]\ncapacity = 0\n", &[], "history.capacity"),
+        ("[sse]\nheartbeat = 3\n", &[], "heartbeat"),
+        ("", &[("SSEHUB__REDIS__URL", "ftp://nowhere")], "redis.url"),
+    ];
+    for (toml, env, key) in cases {
+        let path = dir.join("config.toml");
+        std::fs::write(&path, toml)?;
+        let path = path.to_string_lossy().into_owned();
+        let output = run_binary(&["--config", &path], env)?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "started with {toml:?}");
+        assert!(stderr.contains(key), "{key} not named in: {stderr}");
+    }
+    let output = run_binary(&["--config", "/nonexistent/ssehub.toml"], &[])?;
+    assert!(!output.status.success());
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

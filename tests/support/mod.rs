@@ -1,0 +1,483 @@
+//! Test DSL: a real `redis-server` on a free loopback port, a real gateway on port 0, and a
+//! small SSE client over real HTTP/1.1 sockets.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use ssehub::Settings;
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::{timeout, Instant};
+
+pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// How long tests wait for something that should happen promptly. Generous for slow CI.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Retries `check` until it returns true or `PATIENCE` runs out.
+pub async fn eventually<F, Fut>(what: &str, mut check: F) -> TestResult
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if check().await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("timed out waiting for: {what}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A `redis-server` owned by the test, killed on drop.
+pub struct TestRedis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl TestRedis {
+    pub async fn start() -> TestResult<TestRedis> {
+        let port = free_port()?;
+        let mut redis = TestRedis { port, child: None };
+        redis.restart().await?;
+        Ok(redis)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again) on the same port and waits until it answers.
+    pub async fn restart(&mut self) -> TestResult {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start redis-server (is it installed?): {e}"))?;
+        self.child = Some(child);
+        let url = self.url();
+        eventually("redis-server answers PING", || {
+            let url = url.clone();
+            async move { ping(&url).await }
+        })
+        .await
+    }
+
+    /// Kills the server abruptly (SIGKILL), as a crash or network loss would.
+    pub async fn kill(&mut self) -> TestResult {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    pub async fn connection(&self) -> TestResult<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(self.url())?;
+        Ok(client.get_multiplexed_async_connection().await?)
+    }
+
+    /// PUBLISHes and returns how many subscribers Redis delivered to.
+    pub async fn publish(&self, channel: &str, payload: impl AsRef<[u8]>) -> TestResult<i64> {
+        let mut conn = self.connection().await?;
+        let receivers: i64 = redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(payload.as_ref())
+            .query_async(&mut conn)
+            .await?;
+        Ok(receivers)
+    }
+
+    /// Channels Redis has subscribers for (`PUBSUB CHANNELS`).
+    pub async fn subscribed_channels(&self) -> TestResult<Vec<String>> {
+        let mut conn = self.connection().await?;
+        Ok(redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .query_async(&mut conn)
+            .await?)
+    }
+}
+
+async fn ping(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(Ok(mut conn)) = timeout(
+        Duration::from_secs(1),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    else {
+        return false;
+    };
+    redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .is_ok()
+}
+
+pub fn free_port() -> TestResult<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Settings for tests: loopback, every channel public, fast Redis probing.
+pub fn test_settings(redis: &TestRedis) -> Settings {
+    let mut settings = Settings::default();
+    settings.redis.url = redis.url();
+    settings.redis.reconnect_initial_ms = 50;
+    settings.redis.reconnect_max_ms = 500;
+    settings.redis.ping_interval_secs = 1;
+    settings.redis.command_timeout_secs = 2;
+    settings.channels.public = vec!["*".to_string()];
+    settings.server.shutdown_grace_secs = 5;
+    settings
+}
+
+/// A gateway running inside the test process on loopback port 0.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ssehub::StartError>>>,
+}
+
+impl TestGateway {
+    pub async fn start(settings: Settings) -> TestResult<TestGateway> {
+        let listeners = ssehub::Listeners {
+            public: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+            admin: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        };
+        let addr = listeners.public.local_addr()?;
+        let admin = listeners.admin.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(ssehub::run(settings, listeners, async move {
+            let _ = stopped.await;
+        }));
+        let gateway = TestGateway {
+            addr,
+            admin,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        Ok(gateway)
+    }
+
+    /// Starts and waits until `/readyz` says the Redis subscription is up.
+    pub async fn start_ready(settings: Settings) -> TestResult<TestGateway> {
+        let gateway = Self::start(settings).await?;
+        gateway.wait_ready(200).await?;
+        Ok(gateway)
+    }
+
+    pub async fn wait_ready(&self, status: u16) -> TestResult {
+        let admin = self.admin;
+        eventually(&format!("/readyz answers {status}"), || async move {
+            matches!(get(admin, "/readyz", &[]).await, Ok((s, _)) if s == status)
+        })
+        .await
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    pub async fn stop(mut self) -> TestResult {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await??;
+        }
+        Ok(())
+    }
+
+    /// Opens `/events?<query>` and expects a `200` stream.
+    pub async fn subscribe(&self, query: &str) -> TestResult<SseClient> {
+        self.subscribe_with(query, &[]).await
+    }
+
+    pub async fn subscribe_with(
+        &self,
+        query: &str,
+        headers: &[(&str, &str)],
+    ) -> TestResult<SseClient> {
+        let (status, client) =
+            SseClient::open(self.addr, &format!("/events?{query}"), headers).await?;
+        if status != 200 {
+            return Err(format!("expected 200 for {query}, got {status}").into());
+        }
+        Ok(client)
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A plain request; returns status and body text.
+pub async fn get(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> TestResult<(u16, String)> {
+    request(addr, "GET", path, headers).await
+}
+
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> TestResult<(u16, String)> {
+    let response = send(addr, method, path, headers).await?;
+    let status = response.status().as_u16();
+    let body = timeout(PATIENCE, response.into_body().collect())
+        .await??
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> TestResult<hyper::Response<Incoming>> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let mut builder = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let request = builder.body(Empty::<Bytes>::new())?;
+    Ok(timeout(PATIENCE, sender.send_request(request)).await??)
+}
+
+/// One SSE block (the lines up to a blank line), as a client parser sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SseBlock {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    /// Data lines joined with `\n`; `None` when the block had no `data:` line.
+    pub data: Option<String>,
+    pub retry: Option<u64>,
+    /// Comment lines (heartbeats) in the block.
+    pub comments: usize,
+}
+
+impl SseBlock {
+    pub fn is_event(&self) -> bool {
+        self.data.is_some()
+    }
+
+    pub fn event_type(&self) -> &str {
+        self.event.as_deref().unwrap_or("message")
+    }
+
+    pub fn data(&self) -> &str {
+        self.data.as_deref().unwrap_or("")
+    }
+
+    /// The `gateway.reset` payload, if this is a reset.
+    pub fn reset(&self) -> Option<(String, Vec<String>)> {
+        if self.event.as_deref() != Some("gateway.reset") {
+            return None;
+        }
+        let value: serde_json::Value = serde_json::from_str(self.data()).ok()?;
+        let reason = value.get("reason")?.as_str()?.to_string();
+        let channels = value
+            .get("channels")?
+            .as_array()?
+            .iter()
+            .filter_map(|c| c.as_str().map(str::to_string))
+            .collect();
+        Some((reason, channels))
+    }
+}
+
+/// An SSE client over one HTTP/1.1 connection, with an independent line parser.
+pub struct SseClient {
+    pub headers: hyper::HeaderMap,
+    body: Incoming,
+    buffer: String,
+    /// Bytes held back because they end in the middle of a UTF-8 sequence.
+    partial: Vec<u8>,
+    /// The last event id a browser would hold (updated by every block with `id:`).
+    pub last_event_id: Option<String>,
+    pub ended: bool,
+}
+
+impl SseClient {
+    pub async fn open(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> TestResult<(u16, SseClient)> {
+        let response = send(addr, "GET", path, headers).await?;
+        let status = response.status().as_u16();
+        let (parts, body) = response.into_parts();
+        Ok((
+            status,
+            SseClient {
+                headers: parts.headers,
+                body,
+                buffer: String::new(),
+                partial: Vec::new(),
+                last_event_id: None,
+                ended: false,
+            },
+        ))
+    }
+
+    /// The next block, including comment-only and id-only blocks.
+    pub async fn next_block(&mut self) -> TestResult<SseBlock> {
+        self.next_block_within(PATIENCE).await
+    }
+
+    pub async fn next_block_within(&mut self, patience: Duration) -> TestResult<SseBlock> {
+        let deadline = Instant::now() + patience;
+        loop {
+            if let Some(block) = self.take_block() {
+                if block.id.is_some() {
+                    self.last_event_id = block.id.clone();
+                }
+                return Ok(block);
+            }
+            if self.ended {
+                return Err("stream ended".into());
+            }
+            let frame = tokio::time::timeout_at(deadline, self.body.frame())
+                .await
+                .map_err(|_| "timed out waiting for an SSE block")?;
+            match frame {
+                None => self.ended = true,
+                Some(frame) => {
+                    if let Ok(data) = frame?.into_data() {
+                        self.partial.extend_from_slice(&data);
+                        let valid = match std::str::from_utf8(&self.partial) {
+                            Ok(text) => text.len(),
+                            Err(e) => e.valid_up_to(),
+                        };
+                        let rest = self.partial.split_off(valid);
+                        self.buffer
+                            .push_str(&String::from_utf8_lossy(&self.partial));
+                        self.partial = rest;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next block that carries data (skips heartbeats and id-only frames).
+    pub async fn next_event(&mut self) -> TestResult<SseBlock> {
+        loop {
+            let block = self.next_block().await?;
+            if block.is_event() {
+                return Ok(block);
+            }
+        }
+    }
+
+    /// Collects `count` events and returns their data.
+    pub async fn next_data(&mut self, count: usize) -> TestResult<Vec<String>> {
+        let mut out = Vec::with_capacity(count);
+        for _ in 0..count {
+            out.push(self.next_event().await?.data().to_string());
+        }
+        Ok(out)
+    }
+
+    /// Asserts no event arrives within `quiet`.
+    pub async fn expect_no_event(&mut self, quiet: Duration) -> TestResult {
+        match timeout(quiet, self.next_event()).await {
+            Err(_) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(block)) => Err(format!("unexpected event: {block:?}").into()),
+        }
+    }
+
+    /// Reads until the server ends the response; errors if it does not within `patience`.
+    pub async fn expect_end(&mut self, patience: Duration) -> TestResult {
+        let deadline = Instant::now() + patience;
+        while !self.ended {
+            let frame = tokio::time::timeout_at(deadline, self.body.frame())
+                .await
+                .map_err(|_| "stream did not end")?;
+            match frame {
+                None => self.ended = true,
+                Some(frame) => {
+                    frame?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Splits off one complete block, parsing it like a browser's EventSource would.
+    fn take_block(&mut self) -> Option<SseBlock> {
+        let mut block = SseBlock::default();
+        let mut data_lines: Vec<String> = Vec::new();
+        let mut pos = 0;
+        let text = self.buffer.as_str();
+        loop {
+            let rest = &text[pos..];
+            let end = rest.find(['\r', '\n'])?;
+            // A lone `\r` at the very end may be the first half of `\r\n`: wait for more.
+            if rest[end..].starts_with('\r') && end + 1 == rest.len() {
+                return None;
+            }
+            let line = &rest[..end];
+            let skip = if rest[end..].starts_with("\r\n") {
+                2
+            } else {
+                1
+            };
+            pos += end + skip;
+            if line.is_empty() {
+                if !data_lines.is_empty() {
+                    block.data = Some(data_lines.join("\n"));
+                }
+                if block == SseBlock::default() {
+                    continue; // a stray blank line
+                }
+                self.buffer.drain(..pos);
+                return Some(block);
+            }
+            if line.starts_with(':') {
+                block.comments += 1;
+                continue;
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (line, ""),
+            };
+            match field {
+                "id" => block.id = Some(value.to_string()),
+                "event" => block.event = Some(value.to_string()),
+                "data" => data_lines.push(value.to_string()),
+                "retry" => block.retry = value.parse().ok(),
+                _ => {}
+            }
+        }
+    }
+}
