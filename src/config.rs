@@ -336,6 +336,21 @@ impl Settings {
     }
 }
 
+/// `url` with any password replaced by `***`, for logging.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or("", |(user, _)| user);
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
 fn invalid(key: &'static str, message: String) -> ConfigError {
     ConfigError::Invalid { key, message }
 }
@@ -405,6 +420,20 @@ mod tests {
         assert_eq!(settings.server.listen.to_string(), "127.0.0.1:18080");
         assert_eq!(settings.history.capacity, 7);
         assert_eq!(settings.channels.public, vec!["orders", "user:*"]);
+    }
+
+    #[test]
+    fn passwords_are_redacted_from_logged_urls() {
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(
+            redact_url("redis://:s3cret@host:1/0"),
+            "redis://:***@host:1/0"
+        );
+        assert_eq!(redact_url("rediss://me:p@ss@host"), "rediss://me:***@host");
+        assert!(!redact_url("redis://u:hunter2@h").contains("hunter2"));
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod channels;
 pub mod config;
 mod http;
 pub mod hub;
+pub mod metrics;
 pub mod sse;
 pub mod upstream;
 
@@ -90,6 +91,12 @@ pub async fn run(
     let public = channels::PublicChannels::new(&settings.channels.public)
         .map_err(|e| invalid("channels.public", e))?;
 
+    let metrics_handle = metrics::install();
+    let upkeep = metrics_handle
+        .clone()
+        .map(|h| tokio::spawn(metrics::run_upkeep(h)));
+    log_settings(&settings);
+
     let (hub, subscribe_requests) = hub::Hub::new(&settings);
     let stop = CancellationToken::new();
     let upstream = tokio::spawn(upstream::run(
@@ -115,7 +122,10 @@ pub async fn run(
     ));
     // The admin listener outlives the public one, so probes keep answering while draining.
     let admin_stop = CancellationToken::new();
-    let admin = Arc::new(http::AdminEndpoint { hub: hub.clone() });
+    let admin = Arc::new(http::AdminEndpoint {
+        hub: hub.clone(),
+        metrics: metrics_handle,
+    });
     let admin_server = tokio::spawn(http::serve(
         listeners.admin,
         admin,
@@ -137,6 +147,27 @@ pub async fn run(
     let _ = upstream.await;
     admin_stop.cancel();
     let _ = admin_server.await;
+    if let Some(upkeep) = upkeep {
+        upkeep.abort();
+    }
     tracing::info!("ssehub stopped");
     Ok(())
+}
+
+/// Logs the effective configuration at start-up, with the Redis password masked.
+fn log_settings(settings: &Settings) {
+    tracing::info!(
+        server.listen = %settings.server.listen,
+        admin.listen = %settings.admin.listen,
+        redis.url = %config::redact_url(&settings.redis.url),
+        sse.heartbeat_secs = settings.sse.heartbeat_secs,
+        sse.retry_ms = settings.sse.retry_ms,
+        sse.event_type_field = %settings.sse.event_type_field,
+        history.capacity = settings.history.capacity,
+        history.max_age_secs = settings.history.max_age_secs,
+        history.linger_secs = settings.history.linger_secs,
+        channels.public = ?settings.channels.public,
+        channels.max_per_connection = settings.channels.max_per_connection,
+        "configuration"
+    );
 }

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RedisSettings;
 use crate::hub::{Hub, PublishOutcome, SubscribeRequest};
+use crate::metrics;
 
 /// Most channels named in one SUBSCRIBE when restoring after a reconnect.
 const RESUBSCRIBE_CHUNK: usize = 1000;
@@ -86,10 +87,19 @@ async fn wait_before_reconnect(hub: &Hub, delay: Duration, shutdown: &Cancellati
             _ = shutdown.cancelled() => return,
             _ = sweep.tick() => {
                 // Nothing to unsubscribe from: the next connection subscribes only what is left.
-                hub.sweep(Instant::now());
+                sweep_hub(hub);
             }
         }
     }
+}
+
+/// Frees idle channels, ages history and refreshes the history gauges. Returns freed channels.
+fn sweep_hub(hub: &Hub) -> Vec<Arc<str>> {
+    let sweep = hub.sweep(Instant::now());
+    metrics::history_evicted(sweep.evicted);
+    metrics::history_size(sweep.history_events, sweep.history_bytes);
+    metrics::redis_channels(sweep.subscribed);
+    sweep.freed
 }
 
 /// Why a connected session ended.
@@ -126,6 +136,9 @@ impl Session<'_> {
             };
         }
         backoff.reset();
+        if connected_before {
+            metrics::redis_reconnected();
+        }
         tracing::info!(
             channels = self.hub.channel_count(),
             reconnect = connected_before,
@@ -176,7 +189,7 @@ impl Session<'_> {
                     let _ = commands.send(Command::Ping);
                 }
                 _ = sweep.tick() => {
-                    let (freed, _evicted) = self.hub.sweep(Instant::now());
+                    let freed = sweep_hub(self.hub);
                     if !freed.is_empty() {
                         tracing::debug!(channels = freed.len(), "unsubscribing idle channels");
                         let _ = commands.send(Command::Unsubscribe(freed));
@@ -201,15 +214,24 @@ impl Session<'_> {
     }
 
     fn deliver(&self, message: &redis::Msg) {
+        metrics::event_received();
         let channel = message.get_channel_name();
         let outcome = self
             .hub
             .publish(channel, message.get_payload_bytes(), Instant::now());
-        if let PublishOutcome::InvalidUtf8 { log: true } = outcome {
-            tracing::warn!(
-                channel,
-                "dropped a payload that is not valid UTF-8 (logged at most once a minute per channel)"
-            );
+        match outcome {
+            PublishOutcome::Appended { evicted } => metrics::history_evicted(evicted),
+            PublishOutcome::NotWanted => {}
+            PublishOutcome::InvalidUtf8 { log } => {
+                metrics::payload_dropped("invalid_utf8");
+                if log {
+                    tracing::warn!(
+                        channel,
+                        "dropped a payload that is not valid UTF-8 \
+                         (logged at most once a minute per channel)"
+                    );
+                }
+            }
         }
     }
 }

@@ -347,3 +347,29 @@ async fn a_client_gets_503_when_the_subscription_cannot_be_confirmed() -> TestRe
     assert!(body["error"].is_string());
     gateway.stop().await
 }
+
+#[tokio::test]
+async fn a_redis_that_stops_answering_is_detected_by_ping() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let gateway = TestGateway::start_ready(test_settings(&redis)).await?;
+    let (mut client, _) = connect(&gateway, "channel=h").await?;
+
+    redis.freeze().await?;
+    // PING every second with a 2 s timeout: the dead connection is noticed without any FIN.
+    gateway.wait_ready(503).await?;
+    redis.thaw().await?;
+    gateway.wait_ready(200).await?;
+
+    let reset = client.next_event().await?;
+    assert_eq!(
+        reset.reset().map(|r| r.0).as_deref(),
+        Some("upstream_interrupted")
+    );
+    eventually("the gateway re-subscribed", || async {
+        matches!(redis.subscribed_channels().await, Ok(c) if c.contains(&"h".to_string()))
+    })
+    .await?;
+    redis.publish("h", "back").await?;
+    assert_eq!(client.next_data(1).await?, ["back"]);
+    gateway.stop().await
+}

@@ -1,8 +1,12 @@
-//! The admin listener's endpoints: liveness and readiness (metrics come with observability).
+//! The admin listener's endpoints: liveness, readiness and Prometheus metrics.
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Response, StatusCode};
+use http_body_util::{Either, Full};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use super::{json_response, ResponseBody};
 use crate::hub::Hub;
@@ -11,12 +15,29 @@ use crate::hub::Hub;
 #[derive(Debug)]
 pub(crate) struct AdminEndpoint {
     pub(crate) hub: Arc<Hub>,
+    /// `None` when another metrics recorder owns the process (embedding); `/metrics` is then empty.
+    pub(crate) metrics: Option<PrometheusHandle>,
 }
 
 impl AdminEndpoint {
     /// `200` while the process serves requests at all.
     pub(crate) fn healthz(&self) -> Response<ResponseBody> {
         json_response(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
+    }
+
+    /// The Prometheus text exposition of every `ssehub_*` series.
+    pub(crate) fn metrics(&self) -> Response<ResponseBody> {
+        let text = self
+            .metrics
+            .as_ref()
+            .map(PrometheusHandle::render)
+            .unwrap_or_default();
+        let mut response = Response::new(Either::Left(Full::new(Bytes::from(text))));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        response
     }
 
     /// `200` only while the Redis subscription connection is up.

@@ -10,6 +10,7 @@ mod stream;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,6 +65,7 @@ impl ApiError {
 
     pub(crate) fn into_response(self) -> Response<ResponseBody> {
         let status = self.status();
+        crate::metrics::request_rejected(status.as_u16());
         let body = serde_json::json!({ "error": self.to_string() });
         let mut response = json_response(status, &body);
         match self {
@@ -101,12 +103,16 @@ pub(crate) async fn route_public(
     endpoint: Arc<EventsEndpoint>,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let result = match (request.uri().path(), request.method()) {
+    let path = request.uri().path().to_string();
+    let result = match (path.as_str(), request.method()) {
         ("/events", &Method::GET) => endpoint.handle(request).await,
         ("/events", _) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     };
-    Ok(result.unwrap_or_else(ApiError::into_response))
+    Ok(result.unwrap_or_else(|error| {
+        log_rejection(&path, &error);
+        error.into_response()
+    }))
 }
 
 /// Routes of the admin listener.
@@ -117,10 +123,28 @@ pub(crate) async fn route_admin(
     let result = match (request.uri().path(), request.method()) {
         ("/healthz", &Method::GET) => Ok(endpoint.healthz()),
         ("/readyz", &Method::GET) => Ok(endpoint.readyz()),
-        ("/healthz" | "/readyz", _) => Err(ApiError::MethodNotAllowed),
+        ("/metrics", &Method::GET) => Ok(endpoint.metrics()),
+        ("/healthz" | "/readyz" | "/metrics", _) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     };
     Ok(result.unwrap_or_else(ApiError::into_response))
+}
+
+/// Logs a rejected request at debug level, at most once per second (a flood of bad requests must
+/// not flood the log). Only the path is logged: query strings may carry tokens.
+fn log_rejection(path: &str, error: &ApiError) {
+    static LAST_LOGGED_SECOND: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if LAST_LOGGED_SECOND.swap(second, Ordering::Relaxed) == second {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+    let shown: String = path.chars().take(128).collect();
+    tracing::debug!(path = %shown, status = error.status().as_u16(), %error, suppressed, "request rejected");
 }
 
 /// Accepts connections on `listener` and serves each with `handle` (HTTP/1.1 and h2c) until

@@ -21,6 +21,7 @@ use tokio_stream::{Stream, StreamMap};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::hub::{EntryKind, Hub, Lease};
+use crate::metrics::{self, CloseReason};
 use crate::sse;
 
 /// Reasons carried by `gateway.reset`; part of the public contract.
@@ -40,13 +41,38 @@ pub(crate) struct EventStream {
     /// Everything up to this position has been sent (or did not concern this stream).
     cursor: u64,
     /// Frames read but not yet handed to hyper.
-    pending: VecDeque<Bytes>,
+    pending: VecDeque<Outgoing>,
     /// Fires when any leased channel changes.
     wake: StreamMap<usize, WatchStream<()>>,
     heartbeat: Pin<Box<Sleep>>,
     heartbeat_every: Duration,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Set when the gateway decided to end the stream (shutdown); hyper then ends the body.
     finished: bool,
+}
+
+/// A frame waiting to be handed to hyper.
+struct Outgoing {
+    bytes: Bytes,
+    /// For events: when the message was read from Redis (fan-out latency).
+    received_at: Option<Instant>,
+}
+
+impl Outgoing {
+    fn control(bytes: Bytes) -> Outgoing {
+        Outgoing {
+            bytes,
+            received_at: None,
+        }
+    }
+}
+
+/// What one read of the rings found, for resume accounting.
+#[derive(Default)]
+struct ReadSummary {
+    events: usize,
+    interrupted: bool,
+    expired: bool,
 }
 
 /// What a new stream starts from.
@@ -92,28 +118,40 @@ impl EventStream {
             lease,
             hub,
         };
+        metrics::stream_opened();
         let position = stream.hub.epoch().id(cursor);
-        stream
-            .pending
-            .push_back(sse::encode_preamble(start.retry_ms, position));
+        let preamble = sse::encode_preamble(start.retry_ms, position);
+        stream.pending.push_back(Outgoing::control(preamble));
         if let Some(None) = resumed {
             let names: Vec<&str> = stream.lease.names().collect();
             let reset = sse::encode_reset(position, reset_reason::UNKNOWN_POSITION, &names);
-            stream.pending.push_back(reset);
+            stream.pending.push_back(Outgoing::control(reset));
+            metrics::reset_sent(reset_reason::UNKNOWN_POSITION);
+            metrics::resumed(reset_reason::UNKNOWN_POSITION, 0);
         } else {
-            stream.read_new_entries();
+            let replay = stream.read_new_entries();
+            if resumed.is_some() {
+                metrics::resumed(replay.outcome(), replay.events);
+            }
         }
         stream
     }
 
     /// Moves everything after the cursor into `pending`, turning gaps and fall-offs into resets.
-    fn read_new_entries(&mut self) {
+    fn read_new_entries(&mut self) -> ReadSummary {
         let batch = self.hub.read(&self.lease, self.cursor);
         let epoch = self.hub.epoch();
+        let mut summary = ReadSummary::default();
         let mut items = batch.items.iter().peekable();
         while let Some((channel, entry)) = items.next() {
             match &entry.kind {
-                EntryKind::Event { frame, .. } => self.pending.push_back(frame.clone()),
+                EntryKind::Event { frame, received_at } => {
+                    summary.events += 1;
+                    self.pending.push_back(Outgoing {
+                        bytes: frame.clone(),
+                        received_at: Some(*received_at),
+                    });
+                }
                 EntryKind::Gap => {
                     // One reconnect puts a gap at the same position in every channel it hit:
                     // report them together.
@@ -125,7 +163,9 @@ impl EventStream {
                     }
                     let id = epoch.id(entry.seq);
                     let reset = sse::encode_reset(id, reset_reason::UPSTREAM_INTERRUPTED, &names);
-                    self.pending.push_back(reset);
+                    self.pending.push_back(Outgoing::control(reset));
+                    metrics::reset_sent(reset_reason::UPSTREAM_INTERRUPTED);
+                    summary.interrupted = true;
                 }
             }
         }
@@ -133,14 +173,41 @@ impl EventStream {
             let names: Vec<&str> = batch.fell_off.iter().map(|i| self.lease.name(*i)).collect();
             let id = epoch.id(batch.limit);
             let reset = sse::encode_reset(id, reset_reason::HISTORY_EXPIRED, &names);
-            self.pending.push_back(reset);
+            self.pending.push_back(Outgoing::control(reset));
+            metrics::reset_sent(reset_reason::HISTORY_EXPIRED);
+            summary.expired = true;
         }
         self.cursor = batch.limit;
+        summary
     }
 
     fn restart_heartbeat(&mut self) {
         let next = Instant::now() + self.heartbeat_every;
         self.heartbeat.as_mut().reset(next);
+    }
+}
+
+impl ReadSummary {
+    /// The `outcome` label of a resume whose replay this was.
+    fn outcome(&self) -> &'static str {
+        if self.expired {
+            reset_reason::HISTORY_EXPIRED
+        } else if self.interrupted {
+            reset_reason::UPSTREAM_INTERRUPTED
+        } else {
+            "replayed"
+        }
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        let reason = if self.finished {
+            CloseReason::Shutdown
+        } else {
+            CloseReason::ClientGone
+        };
+        metrics::stream_closed(reason);
     }
 }
 
@@ -155,7 +222,11 @@ impl Body for EventStream {
         let this = self.get_mut();
         loop {
             if let Some(frame) = this.pending.pop_front() {
-                return Poll::Ready(Some(Ok(Frame::data(frame))));
+                metrics::bytes_sent(frame.bytes.len());
+                if let Some(received_at) = frame.received_at {
+                    metrics::event_delivered(received_at, Instant::now());
+                }
+                return Poll::Ready(Some(Ok(Frame::data(frame.bytes))));
             }
             if this.finished {
                 return Poll::Ready(None);
@@ -181,7 +252,8 @@ impl Body for EventStream {
             }
             if this.heartbeat.as_mut().poll(cx).is_ready() {
                 this.restart_heartbeat();
-                this.pending.push_back(Bytes::from_static(sse::HEARTBEAT));
+                let heartbeat = Bytes::from_static(sse::HEARTBEAT);
+                this.pending.push_back(Outgoing::control(heartbeat));
                 continue;
             }
             return Poll::Pending;

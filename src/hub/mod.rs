@@ -368,39 +368,46 @@ impl Hub {
             }
         }
         self.upstream_up.send_replace(up);
+        crate::metrics::redis_up(up);
     }
 
-    /// Frees channels nobody has read for `linger`, and evicts entries older than `max_age`.
-    /// Returns the freed channel names (to unsubscribe) and the number of evicted entries.
-    pub fn sweep(&self, now: Instant) -> (Vec<Arc<str>>, usize) {
+    /// Frees channels nobody has read for `linger`, evicts entries older than `max_age`, and
+    /// measures what is left.
+    pub fn sweep(&self, now: Instant) -> Sweep {
         let linger = self.limits.linger;
-        let mut freed = Vec::new();
-        let mut evicted = 0;
+        let mut sweep = Sweep::default();
         self.channels.lock().retain(|name, slot| {
             let expired = slot
                 .idle_since
                 .is_some_and(|since| now.saturating_duration_since(since) >= linger);
             if expired {
-                freed.push(name.clone());
-            } else {
-                evicted += slot.channel.state.write().ring.evict_expired(now);
+                sweep.freed.push(name.clone());
+                return false;
             }
-            !expired
+            let mut state = slot.channel.state.write();
+            sweep.evicted += state.ring.evict_expired(now);
+            sweep.history_events += state.ring.len();
+            sweep.history_bytes += state.ring.bytes();
+            sweep.subscribed += usize::from(state.status == Status::Subscribed);
+            true
         });
-        (freed, evicted)
+        sweep
     }
+}
 
-    /// Entries and encoded bytes held in all rings.
-    pub fn history_size(&self) -> (usize, usize) {
-        self.channels
-            .lock()
-            .values()
-            .map(|slot| {
-                let state = slot.channel.state.read();
-                (state.ring.len(), state.ring.bytes())
-            })
-            .fold((0, 0), |(n, b), (len, bytes)| (n + len, b + bytes))
-    }
+/// What [`Hub::sweep`] did and found.
+#[derive(Debug, Default)]
+pub struct Sweep {
+    /// Channels freed after their linger: to unsubscribe.
+    pub freed: Vec<Arc<str>>,
+    /// Entries evicted for age.
+    pub evicted: usize,
+    /// Entries left in all rings.
+    pub history_events: usize,
+    /// Encoded bytes left in all rings.
+    pub history_bytes: usize,
+    /// Channels whose subscription is confirmed and live.
+    pub subscribed: usize,
 }
 
 /// A stream's hold on its channels: keeps them alive and subscribed; released on drop.

@@ -29,7 +29,6 @@ pub(crate) enum EntryKind {
         /// The complete SSE frame.
         frame: Bytes,
         /// When the upstream read the message from Redis (for latency accounting).
-        #[allow(dead_code, reason = "read by the fan-out latency metric")]
         received_at: Instant,
     },
     /// The Redis subscription was interrupted just before this position: messages may be lost.

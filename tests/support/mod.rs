@@ -85,6 +85,33 @@ impl TestRedis {
         Ok(())
     }
 
+    /// Freezes the server (SIGSTOP): its sockets stay open but nothing answers, like a
+    /// half-open TCP connection.
+    pub async fn freeze(&self) -> TestResult {
+        self.signal("-STOP").await
+    }
+
+    /// Undoes [`TestRedis::freeze`].
+    pub async fn thaw(&self) -> TestResult {
+        self.signal("-CONT").await
+    }
+
+    async fn signal(&self, signal: &str) -> TestResult {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .ok_or("redis-server is not running")?;
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .await?;
+        if !status.success() {
+            return Err(format!("kill {signal} {pid} failed").into());
+        }
+        Ok(())
+    }
+
     pub async fn connection(&self) -> TestResult<redis::aio::MultiplexedConnection> {
         let client = redis::Client::open(self.url())?;
         Ok(client.get_multiplexed_async_connection().await?)

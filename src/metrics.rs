@@ -1,0 +1,305 @@
+//! Metrics: every Prometheus series the gateway exports, named in this one module.
+//!
+//! The rest of the code calls the small functions here instead of naming metrics itself, so the
+//! public contract (the names dashboards and alerts use) lives in one place. All series are
+//! registered at zero on start-up so dashboards are never blank. Nothing is labelled by channel
+//! name, client address or user: labels only take values from small fixed sets.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::time::Instant;
+
+/// Open SSE streams.
+pub const CONNECTIONS: &str = "ssehub_connections";
+/// SSE streams opened.
+pub const CONNECTIONS_OPENED: &str = "ssehub_connections_opened_total";
+/// SSE streams closed, by `reason`.
+pub const CONNECTIONS_CLOSED: &str = "ssehub_connections_closed_total";
+/// Requests answered with an error, by `status`.
+pub const REQUESTS_REJECTED: &str = "ssehub_requests_rejected_total";
+/// Messages read from Redis.
+pub const EVENTS_RECEIVED: &str = "ssehub_events_received_total";
+/// Events handed to client sockets (summed over clients).
+pub const EVENTS_DELIVERED: &str = "ssehub_events_delivered_total";
+/// Bytes handed to client sockets.
+pub const BYTES_SENT: &str = "ssehub_bytes_sent_total";
+/// Time from reading a message from Redis to handing it to a client socket.
+pub const FANOUT_LATENCY: &str = "ssehub_fanout_latency_seconds";
+/// Resume attempts, by `outcome`.
+pub const RESUMES: &str = "ssehub_resumes_total";
+/// Events sent as part of a resume's replay.
+pub const EVENTS_REPLAYED: &str = "ssehub_events_replayed_total";
+/// `gateway.reset` events sent, by `reason` (on resume and while streaming).
+pub const RESETS: &str = "ssehub_resets_total";
+/// 1 while the Redis subscription connection is up.
+pub const REDIS_UP: &str = "ssehub_redis_up";
+/// Re-established Redis subscription connections.
+pub const REDIS_RECONNECTS: &str = "ssehub_redis_reconnects_total";
+/// Channels currently subscribed on Redis.
+pub const REDIS_CHANNELS: &str = "ssehub_redis_channels";
+/// Entries held in all rings.
+pub const HISTORY_EVENTS: &str = "ssehub_history_events";
+/// Encoded bytes held in all rings.
+pub const HISTORY_BYTES: &str = "ssehub_history_bytes";
+/// Entries evicted from rings (by capacity or age).
+pub const HISTORY_EVICTED: &str = "ssehub_history_evicted_total";
+/// Redis payloads not forwarded, by `reason`.
+pub const PAYLOADS_DROPPED: &str = "ssehub_payloads_dropped_total";
+/// Constant 1, labelled with `version` and `commit`.
+pub const BUILD_INFO: &str = "ssehub_build_info";
+
+/// Why a stream closed (`reason` label of [`CONNECTIONS_CLOSED`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client went away (or its connection failed).
+    ClientGone,
+    /// The gateway ended the stream because it is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    const ALL: [CloseReason; 2] = [CloseReason::ClientGone, CloseReason::Shutdown];
+
+    fn label(self) -> &'static str {
+        match self {
+            CloseReason::ClientGone => "client_gone",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Outcomes of [`RESUMES`]: `replayed` plus every reset reason.
+pub const RESUME_OUTCOMES: [&str; 4] = [
+    "replayed",
+    "unknown_position",
+    "history_expired",
+    "upstream_interrupted",
+];
+/// Reasons of [`RESETS`].
+pub const RESET_REASONS: [&str; 3] = [
+    "unknown_position",
+    "history_expired",
+    "upstream_interrupted",
+];
+/// Statuses of [`REQUESTS_REJECTED`] the gateway can produce.
+pub const REJECTED_STATUSES: [u16; 5] = [400, 403, 404, 405, 503];
+/// Reasons of [`PAYLOADS_DROPPED`].
+pub const DROP_REASONS: [&str; 1] = ["invalid_utf8"];
+
+/// Fan-out latency buckets: 100 µs to 10 s.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// How often the exporter's histogram upkeep runs.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Handles of the per-event series, resolved once: looking a series up by name on every event
+/// would cost a registry lookup per delivery.
+struct HotPath {
+    received: Counter,
+    delivered: Counter,
+    bytes_sent: Counter,
+    latency: Histogram,
+}
+
+static HOT_PATH: OnceLock<HotPath> = OnceLock::new();
+
+fn hot_path() -> &'static HotPath {
+    HOT_PATH.get_or_init(|| HotPath {
+        received: counter!(EVENTS_RECEIVED),
+        delivered: counter!(EVENTS_DELIVERED),
+        bytes_sent: counter!(BYTES_SENT),
+        latency: histogram!(FANOUT_LATENCY),
+    })
+}
+
+/// Installs the process-wide Prometheus recorder (once; later calls return the same handle) and
+/// registers every series at zero. `None` if another recorder was installed first.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(FANOUT_LATENCY.to_string()), &LATENCY_BUCKETS)
+                .ok()?;
+            let handle = builder.install_recorder().ok()?;
+            describe_all();
+            register_all();
+            hot_path();
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe_all() {
+    describe_gauge!(CONNECTIONS, "Open SSE streams.");
+    describe_counter!(CONNECTIONS_OPENED, "SSE streams opened.");
+    describe_counter!(CONNECTIONS_CLOSED, "SSE streams closed, by reason.");
+    describe_counter!(REQUESTS_REJECTED, "Requests answered with an error status.");
+    describe_counter!(EVENTS_RECEIVED, "Messages read from Redis.");
+    describe_counter!(
+        EVENTS_DELIVERED,
+        "Events handed to client sockets, summed over clients."
+    );
+    describe_counter!(BYTES_SENT, Unit::Bytes, "Bytes handed to client sockets.");
+    describe_histogram!(
+        FANOUT_LATENCY,
+        Unit::Seconds,
+        "Time from reading a message from Redis to handing its bytes to a client socket."
+    );
+    describe_counter!(RESUMES, "Resume attempts (Last-Event-ID), by outcome.");
+    describe_counter!(EVENTS_REPLAYED, "Events sent as part of a resume replay.");
+    describe_counter!(RESETS, "gateway.reset events sent, by reason.");
+    describe_gauge!(REDIS_UP, "1 while the Redis subscription connection is up.");
+    describe_counter!(
+        REDIS_RECONNECTS,
+        "Redis subscription connections re-established."
+    );
+    describe_gauge!(REDIS_CHANNELS, "Channels currently subscribed on Redis.");
+    describe_gauge!(HISTORY_EVENTS, "Entries held in all rings.");
+    describe_gauge!(
+        HISTORY_BYTES,
+        Unit::Bytes,
+        "Encoded bytes held in all rings."
+    );
+    describe_counter!(HISTORY_EVICTED, "Ring entries evicted by capacity or age.");
+    describe_counter!(PAYLOADS_DROPPED, "Redis payloads not forwarded, by reason.");
+    describe_gauge!(BUILD_INFO, "Build information; always 1.");
+}
+
+fn register_all() {
+    gauge!(CONNECTIONS).set(0.0);
+    counter!(CONNECTIONS_OPENED).absolute(0);
+    for reason in CloseReason::ALL {
+        counter!(CONNECTIONS_CLOSED, "reason" => reason.label()).absolute(0);
+    }
+    for status in REJECTED_STATUSES {
+        counter!(REQUESTS_REJECTED, "status" => status.to_string()).absolute(0);
+    }
+    counter!(EVENTS_RECEIVED).absolute(0);
+    counter!(EVENTS_DELIVERED).absolute(0);
+    counter!(BYTES_SENT).absolute(0);
+    // Registering the histogram makes it render (with zero counts) before the first event.
+    let _ = histogram!(FANOUT_LATENCY);
+    for outcome in RESUME_OUTCOMES {
+        counter!(RESUMES, "outcome" => outcome).absolute(0);
+    }
+    counter!(EVENTS_REPLAYED).absolute(0);
+    for reason in RESET_REASONS {
+        counter!(RESETS, "reason" => reason).absolute(0);
+    }
+    gauge!(REDIS_UP).set(0.0);
+    counter!(REDIS_RECONNECTS).absolute(0);
+    gauge!(REDIS_CHANNELS).set(0.0);
+    gauge!(HISTORY_EVENTS).set(0.0);
+    gauge!(HISTORY_BYTES).set(0.0);
+    counter!(HISTORY_EVICTED).absolute(0);
+    for reason in DROP_REASONS {
+        counter!(PAYLOADS_DROPPED, "reason" => reason).absolute(0);
+    }
+    gauge!(
+        BUILD_INFO,
+        "version" => env!("CARGO_PKG_VERSION"),
+        "commit" => option_env!("SSEHUB_COMMIT").unwrap_or("unknown")
+    )
+    .set(1.0);
+}
+
+/// Runs the exporter's periodic upkeep (histogram maintenance) until the task is dropped.
+pub async fn run_upkeep(handle: PrometheusHandle) {
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+// ----- Recording: one function per thing that happens. -----
+
+/// A stream opened.
+pub fn stream_opened() {
+    counter!(CONNECTIONS_OPENED).increment(1);
+    gauge!(CONNECTIONS).increment(1.0);
+}
+
+/// A stream closed.
+pub fn stream_closed(reason: CloseReason) {
+    counter!(CONNECTIONS_CLOSED, "reason" => reason.label()).increment(1);
+    gauge!(CONNECTIONS).decrement(1.0);
+}
+
+/// A request was answered with an error status.
+pub fn request_rejected(status: u16) {
+    counter!(REQUESTS_REJECTED, "status" => status.to_string()).increment(1);
+}
+
+/// A message arrived from Redis.
+pub fn event_received() {
+    hot_path().received.increment(1);
+}
+
+/// An event read from Redis at `received_at` was handed to a client socket at `now`.
+pub fn event_delivered(received_at: Instant, now: Instant) {
+    let hot = hot_path();
+    hot.delivered.increment(1);
+    hot.latency
+        .record(now.saturating_duration_since(received_at).as_secs_f64());
+}
+
+/// Bytes handed to a client socket.
+pub fn bytes_sent(bytes: usize) {
+    hot_path().bytes_sent.increment(bytes as u64);
+}
+
+/// A resume ended with `outcome` after replaying `replayed` events.
+pub fn resumed(outcome: &'static str, replayed: usize) {
+    counter!(RESUMES, "outcome" => outcome).increment(1);
+    counter!(EVENTS_REPLAYED).increment(replayed as u64);
+}
+
+/// A `gateway.reset` was sent.
+pub fn reset_sent(reason: &'static str) {
+    counter!(RESETS, "reason" => reason).increment(1);
+}
+
+/// The Redis subscription connection went up or down.
+pub fn redis_up(up: bool) {
+    gauge!(REDIS_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// The Redis subscription connection was re-established after a loss.
+pub fn redis_reconnected() {
+    counter!(REDIS_RECONNECTS).increment(1);
+}
+
+/// Current number of subscribed channels.
+pub fn redis_channels(count: usize) {
+    gauge!(REDIS_CHANNELS).set(count as f64);
+}
+
+/// Current size of all rings.
+pub fn history_size(events: usize, bytes: usize) {
+    gauge!(HISTORY_EVENTS).set(events as f64);
+    gauge!(HISTORY_BYTES).set(bytes as f64);
+}
+
+/// Ring entries evicted.
+pub fn history_evicted(count: usize) {
+    if count > 0 {
+        counter!(HISTORY_EVICTED).increment(count as u64);
+    }
+}
+
+/// A payload was not forwarded.
+pub fn payload_dropped(reason: &'static str) {
+    counter!(PAYLOADS_DROPPED, "reason" => reason).increment(1);
+}
