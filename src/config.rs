@@ -5,8 +5,8 @@
 //! alone. Defaults live here as named constants and are mirrored in the shipped `config.toml`
 //! and the README.
 
-use std::net::SocketAddr;
-use std::path::Path;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -35,6 +35,17 @@ pub const DEFAULT_HISTORY_LINGER_SECS: u64 = 300;
 pub const DEFAULT_MAX_CHANNELS_PER_CONNECTION: usize = 16;
 /// Default time open streams get to end on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
+
+/// Default clock-skew leeway for JWT `exp`/`nbf`.
+pub const DEFAULT_AUTH_LEEWAY_SECS: u64 = 30;
+/// Default name of the token cookie.
+pub const DEFAULT_AUTH_COOKIE: &str = "ssehub_token";
+/// Default time a client gets to send its request headers.
+pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 10;
+/// Default largest request head.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Default largest forwarded Redis payload.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 
 /// Environment variable prefix: `SSEHUB__REDIS__URL` overrides `[redis] url`.
 pub const ENV_PREFIX: &str = "SSEHUB";
@@ -73,6 +84,10 @@ pub struct Settings {
     pub channels: ChannelSettings,
     /// `[log]`: log output.
     pub log: LogSettings,
+    /// `[auth]`: JWT channel authorization.
+    pub auth: AuthSettings,
+    /// `[limits]`: protection against overload and abuse.
+    pub limits: LimitsSettings,
 }
 
 /// `[server]`
@@ -83,6 +98,104 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     /// Seconds open streams and connections get to finish after a shutdown signal.
     pub shutdown_grace_secs: u64,
+    /// Origins (exact `scheme://host[:port]`) allowed to read streams cross-origin; `*` = any.
+    pub cors_origins: Vec<String>,
+    /// Whether cross-origin requests may carry credentials (cookies).
+    pub cors_credentials: bool,
+    /// `[server.tls]`: serve HTTPS (HTTP/1.1 and HTTP/2 via ALPN) when set.
+    pub tls: Option<TlsSettings>,
+}
+
+/// `[server.tls]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+/// A secret value: deserialized like a string, never printed.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// `[auth]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// HS256 shared secret (prefer the environment: `SSEHUB__AUTH__JWT_SECRET`).
+    pub jwt_secret: Option<Secret>,
+    /// File holding the HS256 secret (trailing newline ignored).
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM public key: RSA (RS256) or EC P-256 (ES256).
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Required `aud` claim, when set.
+    pub audience: Option<String>,
+    /// Required `iss` claim, when set.
+    pub issuer: Option<String>,
+    /// Clock skew tolerated on `exp`/`nbf`; an open stream ends at `exp` plus this.
+    pub leeway_secs: u64,
+    /// Cookie carrying the token for same-site browsers.
+    pub cookie_name: String,
+    /// Personal channel a token may always read, `{sub}` replaced by its `sub` claim.
+    pub user_channel: Option<String>,
+}
+
+impl AuthSettings {
+    /// The HS256 secret from `jwt_secret` or `jwt_secret_file`, if configured.
+    pub fn secret(&self) -> Result<Option<String>, ConfigError> {
+        match (&self.jwt_secret, &self.jwt_secret_file) {
+            (Some(_), Some(_)) => Err(invalid(
+                "auth.jwt_secret",
+                "set either auth.jwt_secret or auth.jwt_secret_file, not both".to_string(),
+            )),
+            (Some(secret), None) => Ok(Some(secret.expose().to_string())),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|s| Some(s.trim_end_matches(['\r', '\n']).to_string()))
+                .map_err(|e| {
+                    invalid(
+                        "auth.jwt_secret_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                }),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSettings {
+    /// Most open streams; more get `503` with `Retry-After`. `0` = no limit.
+    pub max_connections: usize,
+    /// Most open streams per client address; more get `429`. `0` = no limit.
+    pub max_connections_per_ip: usize,
+    /// Proxies whose `X-Forwarded-For` is believed (exact addresses).
+    pub trusted_proxies: Vec<IpAddr>,
+    /// Seconds a client gets to send its request headers (slowloris protection).
+    pub header_read_timeout_secs: u64,
+    /// Largest accepted request head, in bytes.
+    pub max_header_bytes: usize,
+    /// Largest Redis payload forwarded; larger ones are dropped and counted.
+    pub max_payload_bytes: usize,
+    /// New streams accepted per second (reconnect storms); more get `503`. `0` = no limit.
+    pub max_new_connections_per_sec: u32,
 }
 
 /// `[admin]`
@@ -174,6 +287,9 @@ impl Default for ServerSettings {
         ServerSettings {
             listen: parse_default_addr(DEFAULT_SERVER_LISTEN),
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+            cors_origins: Vec::new(),
+            cors_credentials: false,
+            tls: None,
         }
     }
 }
@@ -189,6 +305,35 @@ impl Default for AdminSettings {
 fn parse_default_addr(addr: &str) -> SocketAddr {
     addr.parse()
         .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            jwt_secret: None,
+            jwt_secret_file: None,
+            jwt_public_key_file: None,
+            audience: None,
+            issuer: None,
+            leeway_secs: DEFAULT_AUTH_LEEWAY_SECS,
+            cookie_name: DEFAULT_AUTH_COOKIE.to_string(),
+            user_channel: None,
+        }
+    }
+}
+
+impl Default for LimitsSettings {
+    fn default() -> Self {
+        LimitsSettings {
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            trusted_proxies: Vec::new(),
+            header_read_timeout_secs: DEFAULT_HEADER_READ_TIMEOUT_SECS,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            max_new_connections_per_sec: 0,
+        }
+    }
 }
 
 impl Default for RedisSettings {
@@ -272,6 +417,8 @@ impl Settings {
                     .try_parsing(true)
                     .list_separator(",")
                     .with_list_parse_key("channels.public")
+                    .with_list_parse_key("server.cors_origins")
+                    .with_list_parse_key("limits.trusted_proxies")
                     .source(Some(env)),
             )
             .build()?
@@ -313,6 +460,7 @@ impl Settings {
                 "must be at least redis.reconnect_initial_ms".to_string(),
             ));
         }
+        self.validate_security()?;
         let field = &self.sse.event_type_field;
         if field.is_empty() {
             return Err(invalid(
@@ -323,6 +471,55 @@ impl Settings {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", format!("not a valid filter: {e}")))?;
         Ok(self)
+    }
+
+    fn validate_security(&mut self) -> Result<(), ConfigError> {
+        self.server.cors_origins.retain(|o| !o.is_empty());
+        let any_origin = self.server.cors_origins.iter().any(|o| o == "*");
+        if any_origin && self.server.cors_credentials {
+            return Err(invalid(
+                "server.cors_origins",
+                "`*` cannot be combined with server.cors_credentials = true".to_string(),
+            ));
+        }
+        if let Some(bad) = self
+            .server
+            .cors_origins
+            .iter()
+            .find(|o| *o != "*" && !(o.starts_with("http://") || o.starts_with("https://")))
+        {
+            return Err(invalid(
+                "server.cors_origins",
+                format!("`{bad}` is not an origin like https://app.example.com"),
+            ));
+        }
+        if let Some(template) = &self.auth.user_channel {
+            if !template.contains(crate::auth::SUB_PLACEHOLDER) {
+                return Err(invalid(
+                    "auth.user_channel",
+                    "must contain {sub}, e.g. \"user:{sub}\"".to_string(),
+                ));
+            }
+        }
+        if self.auth.cookie_name.is_empty() {
+            return Err(invalid("auth.cookie_name", "must not be empty".to_string()));
+        }
+        self.auth.secret()?;
+        positive(
+            "limits.header_read_timeout_secs",
+            self.limits.header_read_timeout_secs,
+        )?;
+        if self.limits.max_header_bytes < 1024 {
+            return Err(invalid(
+                "limits.max_header_bytes",
+                "must be at least 1024".to_string(),
+            ));
+        }
+        positive(
+            "limits.max_payload_bytes",
+            self.limits.max_payload_bytes as u64,
+        )?;
+        Ok(())
     }
 
     /// Heartbeat period.

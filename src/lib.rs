@@ -15,6 +15,7 @@
 //! [`run`] is the one entry point: `main.rs` calls it with the configured listeners and the
 //! process signals; tests call it with listeners on port 0 and their own shutdown future.
 
+pub mod auth;
 pub mod channels;
 pub mod config;
 mod http;
@@ -90,6 +91,7 @@ pub async fn run(
         .map_err(|e| invalid("redis.url", e.to_string()))?;
     let public = channels::PublicChannels::new(&settings.channels.public)
         .map_err(|e| invalid("channels.public", e))?;
+    let authorizer = auth::Authorizer::new(public, &settings.auth)?;
 
     let metrics_handle = metrics::install();
     let upkeep = metrics_handle
@@ -109,7 +111,7 @@ pub async fn run(
 
     let events = Arc::new(http::EventsEndpoint {
         hub: hub.clone(),
-        public,
+        authorizer,
         settings: settings.clone(),
         shutdown: stop.clone(),
     });

@@ -61,15 +61,22 @@ pub enum CloseReason {
     ClientGone,
     /// The gateway ended the stream because it is shutting down.
     Shutdown,
+    /// The token that opened the stream expired.
+    TokenExpired,
 }
 
 impl CloseReason {
-    const ALL: [CloseReason; 2] = [CloseReason::ClientGone, CloseReason::Shutdown];
+    const ALL: [CloseReason; 3] = [
+        CloseReason::ClientGone,
+        CloseReason::Shutdown,
+        CloseReason::TokenExpired,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             CloseReason::ClientGone => "client_gone",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::TokenExpired => "token_expired",
         }
     }
 }
@@ -88,7 +95,7 @@ pub const RESET_REASONS: [&str; 3] = [
     "upstream_interrupted",
 ];
 /// Statuses of [`REQUESTS_REJECTED`] the gateway can produce.
-pub const REJECTED_STATUSES: [u16; 5] = [400, 403, 404, 405, 503];
+pub const REJECTED_STATUSES: [u16; 6] = [400, 401, 403, 404, 405, 503];
 /// Reasons of [`PAYLOADS_DROPPED`].
 pub const DROP_REASONS: [&str; 1] = ["invalid_utf8"];
 

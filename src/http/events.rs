@@ -10,7 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::stream::{EventStream, StreamStart};
 use super::{ApiError, ResponseBody};
-use crate::channels::{self, PublicChannels};
+use crate::auth::{Authorizer, Denied};
+use crate::channels;
 use crate::config::Settings;
 use crate::hub::Hub;
 
@@ -20,12 +21,14 @@ const LAST_EVENT_ID: &str = "last-event-id";
 const CHANNEL_PARAM: &str = "channel";
 /// Query parameter carrying the resume id for clients that cannot set headers.
 const LAST_EVENT_ID_PARAM: &str = "lastEventId";
+/// Query parameter carrying a JWT for clients that can send neither header nor cookie.
+const TOKEN_PARAM: &str = "token";
 
 /// Everything `/events` needs, shared by all requests.
 #[derive(Debug)]
 pub(crate) struct EventsEndpoint {
     pub(crate) hub: Arc<Hub>,
-    pub(crate) public: PublicChannels,
+    pub(crate) authorizer: Authorizer,
     pub(crate) settings: Arc<Settings>,
     pub(crate) shutdown: CancellationToken,
 }
@@ -37,6 +40,8 @@ pub(crate) struct StreamQuery {
     pub(crate) channels: Vec<String>,
     /// `lastEventId` from the query string, if given.
     pub(crate) last_event_id: Option<String>,
+    /// `token` from the query string, if given.
+    pub(crate) token: Option<String>,
 }
 
 impl EventsEndpoint {
@@ -49,11 +54,13 @@ impl EventsEndpoint {
             self.settings.channels.max_per_connection,
         )
         .map_err(ApiError::BadRequest)?;
-        if let Some(denied) = query.channels.iter().find(|c| !self.public.allows(c)) {
-            return Err(ApiError::Forbidden(format!(
-                "channel `{denied}` is not public"
-            )));
-        }
+        let access = self
+            .authorizer
+            .authorize(request.headers(), query.token.as_deref(), &query.channels)
+            .map_err(|denied| match denied {
+                Denied::Unauthenticated(message) => ApiError::Unauthorized(message),
+                Denied::Forbidden(message) => ApiError::Forbidden(message),
+            })?;
         let resume_from = resume_id(request.headers(), query.last_event_id.as_deref());
 
         let lease = self.hub.acquire(&query.channels);
@@ -67,6 +74,7 @@ impl EventsEndpoint {
             resume_from: resume_from.as_deref(),
             retry_ms: self.settings.sse.retry_ms,
             heartbeat: self.settings.heartbeat(),
+            expires_at: access.expires_at,
         };
         let stream = EventStream::open(self.hub.clone(), lease, start, self.shutdown.clone());
         let mut response = Response::new(ResponseBody::Right(stream));
@@ -96,6 +104,7 @@ pub(crate) fn parse_query(query: Option<&str>, max_channels: usize) -> Result<St
     let mut parsed = StreamQuery {
         channels: Vec::new(),
         last_event_id: None,
+        token: None,
     };
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match key.as_ref() {
@@ -106,6 +115,7 @@ pub(crate) fn parse_query(query: Option<&str>, max_channels: usize) -> Result<St
                 }
             }
             LAST_EVENT_ID_PARAM => parsed.last_event_id = Some(value.into_owned()),
+            TOKEN_PARAM => parsed.token = Some(value.into_owned()),
             other => {
                 let shown: String = other.chars().take(64).collect();
                 return Err(format!("unknown query parameter `{shown}`"));

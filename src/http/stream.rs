@@ -11,7 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body::{Body, Frame};
@@ -47,8 +47,10 @@ pub(crate) struct EventStream {
     heartbeat: Pin<Box<Sleep>>,
     heartbeat_every: Duration,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
-    /// Set when the gateway decided to end the stream (shutdown); hyper then ends the body.
-    finished: bool,
+    /// When the token that opened the stream expires; the stream ends then.
+    expiry: Option<Pin<Box<Sleep>>>,
+    /// Set when the gateway decided to end the stream; hyper then ends the body cleanly.
+    finished: Option<CloseReason>,
 }
 
 /// A frame waiting to be handed to hyper.
@@ -83,6 +85,8 @@ pub(crate) struct StreamStart<'a> {
     pub(crate) retry_ms: u64,
     /// Silence after which a heartbeat comment is sent.
     pub(crate) heartbeat: Duration,
+    /// When the stream must end because its credentials expire.
+    pub(crate) expires_at: Option<SystemTime>,
 }
 
 impl EventStream {
@@ -113,7 +117,10 @@ impl EventStream {
             heartbeat: Box::pin(tokio::time::sleep(start.heartbeat)),
             heartbeat_every: start.heartbeat,
             shutdown: Box::pin(shutdown.cancelled_owned()),
-            finished: false,
+            expiry: start
+                .expires_at
+                .map(|at| Box::pin(tokio::time::sleep(until(at)))),
+            finished: None,
             cursor,
             lease,
             hub,
@@ -200,14 +207,15 @@ impl ReadSummary {
     }
 }
 
+/// How long from now until the wall-clock time `at` (zero if it has passed).
+fn until(at: SystemTime) -> Duration {
+    at.duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+}
+
 impl Drop for EventStream {
     fn drop(&mut self) {
-        let reason = if self.finished {
-            CloseReason::Shutdown
-        } else {
-            CloseReason::ClientGone
-        };
-        metrics::stream_closed(reason);
+        metrics::stream_closed(self.finished.unwrap_or(CloseReason::ClientGone));
     }
 }
 
@@ -228,12 +236,18 @@ impl Body for EventStream {
                 }
                 return Poll::Ready(Some(Ok(Frame::data(frame.bytes))));
             }
-            if this.finished {
+            if this.finished.is_some() {
                 return Poll::Ready(None);
             }
             if this.shutdown.as_mut().poll(cx).is_ready() {
-                this.finished = true;
+                this.finished = Some(CloseReason::Shutdown);
                 continue;
+            }
+            if let Some(expiry) = this.expiry.as_mut() {
+                if expiry.as_mut().poll(cx).is_ready() {
+                    this.finished = Some(CloseReason::TokenExpired);
+                    continue;
+                }
             }
             match Pin::new(&mut this.wake).poll_next(cx) {
                 Poll::Ready(Some(_)) => {
@@ -245,7 +259,7 @@ impl Body for EventStream {
                 }
                 // Every channel's sender is gone: only when the hub itself is being dropped.
                 Poll::Ready(None) => {
-                    this.finished = true;
+                    this.finished = Some(CloseReason::Shutdown);
                     continue;
                 }
                 Poll::Pending => {}

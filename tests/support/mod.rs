@@ -265,6 +265,23 @@ pub async fn get(
     request(addr, "GET", path, headers).await
 }
 
+/// Opens `path`; returns the status and, unless it is `200` (a stream that never ends), the body.
+pub async fn open_status(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> TestResult<(u16, Option<String>)> {
+    let response = send(addr, "GET", path, headers).await?;
+    let status = response.status().as_u16();
+    if status == 200 {
+        return Ok((status, None));
+    }
+    let body = timeout(PATIENCE, response.into_body().collect())
+        .await??
+        .to_bytes();
+    Ok((status, Some(String::from_utf8_lossy(&body).into_owned())))
+}
+
 pub async fn request(
     addr: SocketAddr,
     method: &str,

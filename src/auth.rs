@@ -1,0 +1,277 @@
+//! Authorization: which channels a request may read.
+//!
+//! A request may read a channel when a `channels.public` pattern allows it, or when it presents
+//! a valid JWT that grants it (a `channels` claim of glob patterns, or the personal channel named
+//! by `auth.user_channel` for its `sub`). The token is taken from the first source present:
+//! `Authorization: Bearer`, then the `auth.cookie_name` cookie, then the `token` query parameter.
+//! There is no falling back: a presented token that is invalid is refused even for public
+//! channels, so a client with a broken token learns it at once.
+//!
+//! The accepted algorithm follows from the configured key (HS256 for a secret, RS256 or ES256
+//! for a PEM public key), never from the token header: a header only selects among the keys the
+//! operator configured, each of which accepts exactly one algorithm.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::header::{AUTHORIZATION, COOKIE};
+use http::HeaderMap;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::channels::{Pattern, PublicChannels};
+use crate::config::{AuthSettings, ConfigError};
+
+/// Placeholder in `auth.user_channel` replaced by the token's `sub`.
+pub const SUB_PLACEHOLDER: &str = "{sub}";
+
+/// Why a request may not read what it asked for.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// No token, or an invalid one: `401`.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A valid token without the grant: `403`.
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+/// What an accepted request is entitled to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// When the token used expires (plus leeway): the stream must end then. `None` without a
+    /// token.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// Claims the gateway reads from a token.
+#[derive(Debug, Deserialize)]
+struct Claims {
+    exp: u64,
+    #[serde(default)]
+    channels: Vec<String>,
+    #[serde(default)]
+    sub: Option<String>,
+}
+
+/// One configured verification key with the single algorithm it accepts.
+struct VerificationKey {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+/// Checks requests against `channels.public` and `[auth]`.
+pub struct Authorizer {
+    public: PublicChannels,
+    keys: Vec<VerificationKey>,
+    cookie_name: String,
+    user_channel: Option<String>,
+    leeway: Duration,
+}
+
+impl std::fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Keys stay out of debug output.
+        f.debug_struct("Authorizer")
+            .field("public", &self.public)
+            .field("keys", &self.keys.len())
+            .field("cookie_name", &self.cookie_name)
+            .field("user_channel", &self.user_channel)
+            .finish()
+    }
+}
+
+impl Authorizer {
+    /// Builds the authorizer, reading key files. Errors name the configuration key.
+    pub fn new(public: PublicChannels, settings: &AuthSettings) -> Result<Authorizer, ConfigError> {
+        let mut keys = Vec::new();
+        if let Some(secret) = settings.secret()? {
+            keys.push(VerificationKey {
+                key: DecodingKey::from_secret(secret.as_bytes()),
+                validation: validation(Algorithm::HS256, settings),
+            });
+        }
+        if let Some(path) = &settings.jwt_public_key_file {
+            let pem = std::fs::read(path).map_err(|e| ConfigError::Invalid {
+                key: "auth.jwt_public_key_file",
+                message: format!("cannot read {}: {e}", path.display()),
+            })?;
+            let (key, algorithm) = public_key(&pem).ok_or_else(|| ConfigError::Invalid {
+                key: "auth.jwt_public_key_file",
+                message: format!(
+                    "{} is not an RSA or EC (P-256) public key in PEM",
+                    path.display()
+                ),
+            })?;
+            keys.push(VerificationKey {
+                key,
+                validation: validation(algorithm, settings),
+            });
+        }
+        Ok(Authorizer {
+            public,
+            keys,
+            cookie_name: settings.cookie_name.clone(),
+            user_channel: settings.user_channel.clone(),
+            leeway: Duration::from_secs(settings.leeway_secs),
+        })
+    }
+
+    /// Whether any token verification key is configured.
+    pub fn tokens_enabled(&self) -> bool {
+        !self.keys.is_empty()
+    }
+
+    /// Decides whether the request may read `channels`. `query_token` is the `token` query
+    /// parameter, if any.
+    pub fn authorize(
+        &self,
+        headers: &HeaderMap,
+        query_token: Option<&str>,
+        channels: &[String],
+    ) -> Result<Access, Denied> {
+        let Some(token) = self.presented_token(headers, query_token) else {
+            return match channels.iter().find(|c| !self.public.allows(c)) {
+                None => Ok(Access { expires_at: None }),
+                // Without any verification key no token could help: the answer is plain 403.
+                Some(channel) if !self.tokens_enabled() => Err(Denied::Forbidden(format!(
+                    "channel `{channel}` is not public"
+                ))),
+                Some(channel) => Err(Denied::Unauthenticated(format!(
+                    "channel `{channel}` is not public: a token is required"
+                ))),
+            };
+        };
+        let claims = self.verify(&token)?;
+        let grants: Vec<Pattern> = claims
+            .channels
+            .iter()
+            .map(|p| Pattern::parse(p))
+            .collect::<Result<_, _>>()
+            .map_err(|e| {
+                Denied::Unauthenticated(format!("invalid token: `channels` claim: {e}"))
+            })?;
+        let personal = self.personal_channel(claims.sub.as_deref());
+        let allowed = |channel: &String| {
+            self.public.allows(channel)
+                || personal.as_deref() == Some(channel.as_str())
+                || grants.iter().any(|g| g.matches(channel))
+        };
+        if let Some(channel) = channels.iter().find(|c| !allowed(c)) {
+            return Err(Denied::Forbidden(format!(
+                "the token does not grant channel `{channel}`"
+            )));
+        }
+        let expires_at = UNIX_EPOCH + Duration::from_secs(claims.exp) + self.leeway;
+        Ok(Access {
+            expires_at: Some(expires_at),
+        })
+    }
+
+    /// The first token source present; later sources are not consulted.
+    fn presented_token(&self, headers: &HeaderMap, query_token: Option<&str>) -> Option<String> {
+        if let Some(value) = headers.get(AUTHORIZATION) {
+            let text = String::from_utf8_lossy(value.as_bytes());
+            // A malformed Authorization header is still "a token was presented": it fails.
+            let token = text
+                .strip_prefix("Bearer ")
+                .or_else(|| text.strip_prefix("bearer "))
+                .unwrap_or("");
+            return Some(token.trim().to_string());
+        }
+        if let Some(token) = cookie(headers, &self.cookie_name) {
+            return Some(token);
+        }
+        query_token.map(str::to_string)
+    }
+
+    fn verify(&self, token: &str) -> Result<Claims, Denied> {
+        let invalid = |why: &str| Denied::Unauthenticated(format!("invalid token: {why}"));
+        let header = jsonwebtoken::decode_header(token).map_err(|_| invalid("malformed"))?;
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.validation.algorithms.contains(&header.alg))
+            .ok_or_else(|| invalid("algorithm not accepted"))?;
+        jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
+            .map(|data| data.claims)
+            .map_err(|e| invalid(&describe(&e)))
+    }
+
+    fn personal_channel(&self, sub: Option<&str>) -> Option<String> {
+        let template = self.user_channel.as_deref()?;
+        let sub = sub.filter(|s| !s.is_empty())?;
+        Some(template.replace(SUB_PLACEHOLDER, sub))
+    }
+}
+
+fn validation(algorithm: Algorithm, settings: &AuthSettings) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = settings.leeway_secs;
+    validation.validate_nbf = true;
+    let mut required = vec!["exp"];
+    validation.validate_aud = settings.audience.is_some();
+    if let Some(audience) = &settings.audience {
+        validation.set_audience(&[audience]);
+        required.push("aud");
+    }
+    if let Some(issuer) = &settings.issuer {
+        validation.set_issuer(&[issuer]);
+        required.push("iss");
+    }
+    validation.set_required_spec_claims(&required);
+    validation
+}
+
+/// Reads a PEM public key: RSA (RS256) or EC P-256 (ES256).
+fn public_key(pem: &[u8]) -> Option<(DecodingKey, Algorithm)> {
+    if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
+        return Some((key, Algorithm::RS256));
+    }
+    DecodingKey::from_ec_pem(pem)
+        .ok()
+        .map(|key| (key, Algorithm::ES256))
+}
+
+/// A short reason for a rejected token, without echoing the token.
+fn describe(error: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind::*;
+    match error.kind() {
+        ExpiredSignature => "expired".to_string(),
+        ImmatureSignature => "not valid yet".to_string(),
+        InvalidSignature => "bad signature".to_string(),
+        InvalidAudience => "wrong audience".to_string(),
+        InvalidIssuer => "wrong issuer".to_string(),
+        InvalidAlgorithm => "algorithm not accepted".to_string(),
+        MissingRequiredClaim(claim) => format!("missing `{claim}` claim"),
+        _ => "malformed".to_string(),
+    }
+}
+
+/// The value of cookie `name`, if the request carries it.
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.trim_matches('"').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn cookie_is_found_among_others() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            COOKIE,
+            HeaderValue::from_static("a=1; ssehub_token=tok; b=2"),
+        );
+        assert_eq!(cookie(&headers, "ssehub_token").as_deref(), Some("tok"));
+        assert_eq!(cookie(&headers, "missing"), None);
+    }
+}
