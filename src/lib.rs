@@ -112,6 +112,10 @@ pub async fn run(
     let events = Arc::new(http::EventsEndpoint {
         hub: hub.clone(),
         authorizer,
+        cors: http::Cors::new(
+            &settings.server.cors_origins,
+            settings.server.cors_credentials,
+        ),
         settings: settings.clone(),
         shutdown: stop.clone(),
     });

@@ -29,6 +29,7 @@ const TOKEN_PARAM: &str = "token";
 pub(crate) struct EventsEndpoint {
     pub(crate) hub: Arc<Hub>,
     pub(crate) authorizer: Authorizer,
+    pub(crate) cors: super::cors::Cors,
     pub(crate) settings: Arc<Settings>,
     pub(crate) shutdown: CancellationToken,
 }

@@ -5,6 +5,7 @@
 //! (they watch the same cancellation token), then wait for connections under a deadline.
 
 mod admin;
+mod cors;
 mod events;
 mod stream;
 
@@ -27,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) use admin::AdminEndpoint;
+pub(crate) use cors::Cors;
 pub(crate) use events::EventsEndpoint;
 
 /// Body of every response: a fixed JSON document or an SSE stream.
@@ -113,15 +115,21 @@ pub(crate) async fn route_public(
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let path = request.uri().path().to_string();
+    let request_headers = request.headers().clone();
     let result = match (path.as_str(), request.method()) {
         ("/events", &Method::GET) => endpoint.handle(request).await,
+        ("/events", &Method::OPTIONS) => Ok(endpoint.cors.preflight(&request_headers)),
         ("/events", _) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     };
-    Ok(result.unwrap_or_else(|error| {
+    let mut response = result.unwrap_or_else(|error| {
         log_rejection(&path, &error);
         error.into_response()
-    }))
+    });
+    if response.status() != StatusCode::NO_CONTENT {
+        endpoint.cors.decorate(&request_headers, &mut response);
+    }
+    Ok(response)
 }
 
 /// Routes of the admin listener.

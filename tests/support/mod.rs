@@ -265,6 +265,17 @@ pub async fn get(
     request(addr, "GET", path, headers).await
 }
 
+/// Sends a request and returns the status and response headers (the body is not read).
+pub async fn response_head(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> TestResult<(u16, hyper::HeaderMap)> {
+    let response = send(addr, method, path, headers).await?;
+    Ok((response.status().as_u16(), response.headers().clone()))
+}
+
 /// Opens `path`; returns the status and, unless it is `200` (a stream that never ends), the body.
 pub async fn open_status(
     addr: SocketAddr,
