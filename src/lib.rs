@@ -116,6 +116,7 @@ pub async fn run(
             &settings.server.cors_origins,
             settings.server.cors_credentials,
         ),
+        admission: http::Admission::new(&settings.limits),
         settings: settings.clone(),
         shutdown: stop.clone(),
     });
@@ -123,6 +124,7 @@ pub async fn run(
         listeners.public,
         events,
         http::route_public,
+        http::ConnectionLimits::from_settings(&settings.limits),
         stop.clone(),
         settings.shutdown_grace(),
     ));
@@ -136,6 +138,7 @@ pub async fn run(
         listeners.admin,
         admin,
         http::route_admin,
+        http::ConnectionLimits::from_settings(&config::LimitsSettings::default()),
         admin_stop.clone(),
         ADMIN_GRACE,
     ));

@@ -95,9 +95,9 @@ pub const RESET_REASONS: [&str; 3] = [
     "upstream_interrupted",
 ];
 /// Statuses of [`REQUESTS_REJECTED`] the gateway can produce.
-pub const REJECTED_STATUSES: [u16; 6] = [400, 401, 403, 404, 405, 503];
+pub const REJECTED_STATUSES: [u16; 7] = [400, 401, 403, 404, 405, 429, 503];
 /// Reasons of [`PAYLOADS_DROPPED`].
-pub const DROP_REASONS: [&str; 1] = ["invalid_utf8"];
+pub const DROP_REASONS: [&str; 2] = ["invalid_utf8", "too_large"];
 
 /// Fan-out latency buckets: 100 µs to 10 s.
 const LATENCY_BUCKETS: [f64; 16] = [

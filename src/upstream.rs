@@ -222,13 +222,14 @@ impl Session<'_> {
         match outcome {
             PublishOutcome::Appended { evicted } => metrics::history_evicted(evicted),
             PublishOutcome::NotWanted => {}
-            PublishOutcome::InvalidUtf8 { log } => {
-                metrics::payload_dropped("invalid_utf8");
+            PublishOutcome::Dropped { reason, log } => {
+                metrics::payload_dropped(reason.label());
                 if log {
                     tracing::warn!(
                         channel,
-                        "dropped a payload that is not valid UTF-8 \
-                         (logged at most once a minute per channel)"
+                        reason = reason.label(),
+                        bytes = message.get_payload_bytes().len(),
+                        "dropped a payload (logged at most once a minute per channel)"
                     );
                 }
             }

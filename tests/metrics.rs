@@ -142,6 +142,7 @@ async fn metrics_follow_clients_through_connect_receive_resume_and_disconnect() 
     .await?;
     redis.publish("m", "3").await?;
     redis.publish("m", "4").await?;
+    b.next_data(2).await?; // ingested before the resume reads the ring
     let mut resumed = gateway
         .subscribe_with("channel=m", &[("Last-Event-ID", &last)])
         .await?;

@@ -123,7 +123,10 @@ async fn evicted_history_sends_history_expired_then_live_events() -> TestResult 
     let gateway = TestGateway::start_ready(settings).await?;
     let (client, start) = connect(&gateway, "channel=busy").await?;
     drop(client);
+    let (mut witness, _) = connect(&gateway, "channel=busy").await?;
     publish_all(&redis, "busy", &["1", "2", "3", "4", "5"]).await?;
+    // Once a live client saw them, the gateway has ingested (and evicted) them.
+    witness.next_data(5).await?;
 
     let mut resumed = gateway
         .subscribe_with("channel=busy", &[("Last-Event-ID", &start)])
@@ -155,9 +158,11 @@ async fn a_slow_reader_that_falls_off_the_ring_gets_history_expired() -> TestRes
     let gateway = TestGateway::start_ready(settings).await?;
     let (client, start) = connect(&gateway, "channel=a&channel=b").await?;
     drop(client);
+    let (mut witness, _) = connect(&gateway, "channel=a&channel=b").await?;
     // Channel a overflows, channel b does not: only a is reset, b replays.
     publish_all(&redis, "a", &["a1", "a2", "a3"]).await?;
     publish_all(&redis, "b", &["b1"]).await?;
+    witness.next_data(4).await?;
     let mut resumed = gateway
         .subscribe_with("channel=a&channel=b", &[("Last-Event-ID", &start)])
         .await?;
@@ -200,7 +205,9 @@ async fn a_channel_not_subscribed_since_the_position_is_reset_and_others_replay(
     let gateway = TestGateway::start_ready(test_settings(&redis)).await?;
     let (client, start) = connect(&gateway, "channel=known").await?;
     drop(client);
+    let (mut witness, _) = connect(&gateway, "channel=known").await?;
     publish_all(&redis, "known", &["k1", "k2"]).await?;
+    witness.next_data(2).await?;
     // `new` was never subscribed: messages on it since `start` may have been missed.
     let mut resumed = gateway
         .subscribe_with("channel=known&channel=new", &[("Last-Event-ID", &start)])

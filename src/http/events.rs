@@ -30,6 +30,7 @@ pub(crate) struct EventsEndpoint {
     pub(crate) hub: Arc<Hub>,
     pub(crate) authorizer: Authorizer,
     pub(crate) cors: super::cors::Cors,
+    pub(crate) admission: super::Admission,
     pub(crate) settings: Arc<Settings>,
     pub(crate) shutdown: CancellationToken,
 }
@@ -62,6 +63,11 @@ impl EventsEndpoint {
                 Denied::Unauthenticated(message) => ApiError::Unauthorized(message),
                 Denied::Forbidden(message) => ApiError::Forbidden(message),
             })?;
+        let peer = request
+            .extensions()
+            .get::<super::Peer>()
+            .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |p| p.0.ip());
+        let admitted = self.admission.admit(peer, request.headers())?;
         let resume_from = resume_id(request.headers(), query.last_event_id.as_deref());
 
         let lease = self.hub.acquire(&query.channels);
@@ -76,6 +82,7 @@ impl EventsEndpoint {
             retry_ms: self.settings.sse.retry_ms,
             heartbeat: self.settings.heartbeat(),
             expires_at: access.expires_at,
+            admitted,
         };
         let stream = EventStream::open(self.hub.clone(), lease, start, self.shutdown.clone());
         let mut response = Response::new(ResponseBody::Right(stream));

@@ -5,6 +5,7 @@
 //! (they watch the same cancellation token), then wait for connections under a deadline.
 
 mod admin;
+mod admission;
 mod cors;
 mod events;
 mod stream;
@@ -21,14 +22,19 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) use admin::AdminEndpoint;
+pub(crate) use admission::Admission;
 pub(crate) use cors::Cors;
+
+/// The TCP peer of a request, attached as a request extension by the accept loop.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Peer(pub(crate) std::net::SocketAddr);
 pub(crate) use events::EventsEndpoint;
 
 /// Body of every response: a fixed JSON document or an SSE stream.
@@ -55,6 +61,12 @@ pub(crate) enum ApiError {
     /// Temporarily unable to serve (upstream down): `503` with `Retry-After`.
     #[error("{0}")]
     Unavailable(String),
+    /// At a connection or connection-rate limit: `503` with `Retry-After`.
+    #[error("{0}")]
+    Overloaded(String),
+    /// Too many streams from one client address: `429` with `Retry-After`.
+    #[error("{0}")]
+    TooManyRequests(String),
 }
 
 impl ApiError {
@@ -65,7 +77,8 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -80,10 +93,11 @@ impl ApiError {
                     .headers_mut()
                     .insert(ALLOW, HeaderValue::from_static("GET"));
             }
-            ApiError::Unavailable(_) => {
-                response
-                    .headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            ApiError::Unavailable(_) | ApiError::Overloaded(_) | ApiError::TooManyRequests(_) => {
+                let seconds = admission::RETRY_AFTER.as_secs().to_string();
+                if let Ok(value) = HeaderValue::from_str(&seconds) {
+                    response.headers_mut().insert(RETRY_AFTER, value);
+                }
             }
             ApiError::Unauthorized(_) => {
                 response
@@ -164,12 +178,46 @@ fn log_rejection(path: &str, error: &ApiError) {
     tracing::debug!(path = %shown, status = error.status().as_u16(), %error, suppressed, "request rejected");
 }
 
+/// Per-connection protocol limits.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ConnectionLimits {
+    /// Time a client gets to send a complete request head (slowloris protection).
+    pub(crate) header_read_timeout: Duration,
+    /// Largest request head accepted.
+    pub(crate) max_header_bytes: usize,
+}
+
+impl ConnectionLimits {
+    pub(crate) fn from_settings(limits: &crate::config::LimitsSettings) -> ConnectionLimits {
+        ConnectionLimits {
+            header_read_timeout: Duration::from_secs(limits.header_read_timeout_secs),
+            max_header_bytes: limits.max_header_bytes,
+        }
+    }
+
+    fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // Timeouts need a timer, or hyper panics on the first connection.
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout)
+            .max_buf_size(self.max_header_bytes);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX));
+        builder
+    }
+}
+
 /// Accepts connections on `listener` and serves each with `handle` (HTTP/1.1 and h2c) until
 /// `stop` is cancelled; then waits up to `grace` for open connections to finish.
 pub(crate) async fn serve<E, F, Fut>(
     listener: TcpListener,
     endpoint: Arc<E>,
     handle: F,
+    limits: ConnectionLimits,
     stop: CancellationToken,
     grace: Duration,
 ) where
@@ -177,7 +225,7 @@ pub(crate) async fn serve<E, F, Fut>(
     F: Fn(Arc<E>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
 {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let builder = limits.builder();
     let graceful = GracefulShutdown::new();
     let local = listener.local_addr().ok();
     loop {
@@ -186,7 +234,7 @@ pub(crate) async fn serve<E, F, Fut>(
             accepted = listener.accept() => accepted,
         };
         let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+            Ok(accepted) => accepted,
             Err(e) if is_per_connection_error(&e) => continue,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning on the error.
@@ -195,9 +243,13 @@ pub(crate) async fn serve<E, F, Fut>(
                 continue;
             }
         };
+        let (stream, peer) = stream;
         let _ = stream.set_nodelay(true);
         let endpoint = endpoint.clone();
-        let service = service_fn(move |request| handle(endpoint.clone(), request));
+        let service = service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(Peer(peer));
+            handle(endpoint.clone(), request)
+        });
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();

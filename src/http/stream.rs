@@ -20,6 +20,7 @@ use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{Stream, StreamMap};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use super::admission::Admitted;
 use crate::hub::{EntryKind, Hub, Lease};
 use crate::metrics::{self, CloseReason};
 use crate::sse;
@@ -51,6 +52,8 @@ pub(crate) struct EventStream {
     expiry: Option<Pin<Box<Sleep>>>,
     /// Set when the gateway decided to end the stream; hyper then ends the body cleanly.
     finished: Option<CloseReason>,
+    /// Holds this stream's connection-limit slots until it ends.
+    _admitted: Admitted,
 }
 
 /// A frame waiting to be handed to hyper.
@@ -87,6 +90,8 @@ pub(crate) struct StreamStart<'a> {
     pub(crate) heartbeat: Duration,
     /// When the stream must end because its credentials expire.
     pub(crate) expires_at: Option<SystemTime>,
+    /// The stream's admission (connection-limit slots).
+    pub(crate) admitted: Admitted,
 }
 
 impl EventStream {
@@ -121,6 +126,7 @@ impl EventStream {
                 .expires_at
                 .map(|at| Box::pin(tokio::time::sleep(until(at)))),
             finished: None,
+            _admitted: start.admitted,
             cursor,
             lease,
             hub,

@@ -45,17 +45,39 @@ pub enum PublishOutcome {
     },
     /// No one asked for this channel (or its subscription is not confirmed yet).
     NotWanted,
-    /// The payload is not valid UTF-8, so it cannot be carried in SSE: dropped.
-    InvalidUtf8 {
+    /// The payload was dropped instead of forwarded.
+    Dropped {
+        /// Why (`reason` label of `ssehub_payloads_dropped_total`).
+        reason: DropReason,
         /// True when this drop should be logged (rate limited per channel).
         log: bool,
     },
+}
+
+/// Why a Redis payload was not forwarded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Not valid UTF-8, so it cannot be carried in SSE.
+    InvalidUtf8,
+    /// Larger than `limits.max_payload_bytes`.
+    TooLarge,
+}
+
+impl DropReason {
+    /// Metric label and log wording.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::InvalidUtf8 => "invalid_utf8",
+            DropReason::TooLarge => "too_large",
+        }
+    }
 }
 
 /// Bounds of each channel's history.
 #[derive(Clone, Copy, Debug)]
 struct HistoryLimits {
     capacity: usize,
+    max_payload_bytes: usize,
     max_age: Duration,
     linger: Duration,
 }
@@ -101,8 +123,8 @@ pub struct Channel {
 struct ChannelState {
     ring: Ring,
     status: Status,
-    /// When an invalid payload on this channel was last logged (log rate limiting).
-    last_invalid_log: Option<Instant>,
+    /// When a dropped payload on this channel was last logged (log rate limiting).
+    last_drop_log: Option<Instant>,
 }
 
 /// Where a channel's Redis subscription stands.
@@ -116,8 +138,8 @@ enum Status {
     Interrupted,
 }
 
-/// How often a channel may log dropped invalid payloads.
-const INVALID_PAYLOAD_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// How often a channel may log dropped payloads.
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Hub {
     /// Creates the hub and the receiving end of its subscription requests (for the upstream).
@@ -131,6 +153,7 @@ impl Hub {
             upstream_up: watch::Sender::new(false),
             limits: HistoryLimits {
                 capacity: settings.history.capacity,
+                max_payload_bytes: settings.limits.max_payload_bytes,
                 max_age: Duration::from_secs(settings.history.max_age_secs),
                 linger: Duration::from_secs(settings.history.linger_secs),
             },
@@ -202,7 +225,7 @@ impl Hub {
             state: RwLock::new(ChannelState {
                 ring: Ring::new(0, self.limits.capacity, self.limits.max_age),
                 status: Status::Pending,
-                last_invalid_log: None,
+                last_drop_log: None,
             }),
             changed: watch::Sender::new(()),
         })
@@ -283,14 +306,22 @@ impl Hub {
             // Before confirmation no client has been promised this message.
             return PublishOutcome::NotWanted;
         }
-        let Ok(text) = std::str::from_utf8(payload) else {
-            let log = state
-                .last_invalid_log
-                .is_none_or(|at| received_at.duration_since(at) >= INVALID_PAYLOAD_LOG_INTERVAL);
-            if log {
-                state.last_invalid_log = Some(received_at);
+        let text = if payload.len() > self.limits.max_payload_bytes {
+            Err(DropReason::TooLarge)
+        } else {
+            std::str::from_utf8(payload).map_err(|_| DropReason::InvalidUtf8)
+        };
+        let text = match text {
+            Ok(text) => text,
+            Err(reason) => {
+                let log = state
+                    .last_drop_log
+                    .is_none_or(|at| received_at.duration_since(at) >= DROP_LOG_INTERVAL);
+                if log {
+                    state.last_drop_log = Some(received_at);
+                }
+                return PublishOutcome::Dropped { reason, log };
             }
-            return PublishOutcome::InvalidUtf8 { log };
         };
         let seq = self.head.load(Ordering::Relaxed) + 1;
         let event_type = sse::event_type_of(text, &self.event_type_field);

@@ -313,7 +313,25 @@ async fn send(
     path: &str,
     headers: &[(&str, &str)],
 ) -> TestResult<hyper::Response<Incoming>> {
-    let stream = TcpStream::connect(addr).await?;
+    send_from(None, addr, method, path, headers).await
+}
+
+/// Like [`send`], from a chosen loopback source address (127.0.0.2, ...).
+async fn send_from(
+    source: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> TestResult<hyper::Response<Incoming>> {
+    let stream = match source {
+        None => TcpStream::connect(addr).await?,
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await?
+        }
+    };
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
@@ -388,7 +406,17 @@ impl SseClient {
         path: &str,
         headers: &[(&str, &str)],
     ) -> TestResult<(u16, SseClient)> {
-        let response = send(addr, "GET", path, headers).await?;
+        Self::open_from(None, addr, path, headers).await
+    }
+
+    /// Opens a stream from a chosen loopback source address.
+    pub async fn open_from(
+        source: Option<std::net::IpAddr>,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> TestResult<(u16, SseClient)> {
+        let response = send_from(source, addr, "GET", path, headers).await?;
         let status = response.status().as_u16();
         let (parts, body) = response.into_parts();
         Ok((

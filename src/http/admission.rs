@@ -1,0 +1,216 @@
+//! Admission control for new streams: a global cap, a per-client-address cap, and a rate cap
+//! for reconnect storms. Each admitted stream holds an [`Admitted`] guard that gives its slots
+//! back when the stream ends.
+//!
+//! The client address is the TCP peer, or — only when the peer is one of `trusted_proxies` — the
+//! nearest untrusted address in `X-Forwarded-For`, so clients cannot spoof their way around the
+//! per-address cap.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderMap;
+use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use super::ApiError;
+use crate::config::LimitsSettings;
+
+/// Open streams per client address.
+type PerAddressCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// Decides whether a new stream may open.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    /// `None` when `max_connections` is 0 (no cap).
+    total: Option<Arc<Semaphore>>,
+    per_ip_limit: usize,
+    per_ip: PerAddressCounts,
+    trusted_proxies: Vec<IpAddr>,
+    /// `None` when `max_new_connections_per_sec` is 0 (no cap).
+    rate: Option<Mutex<TokenBucket>>,
+}
+
+/// Proof of admission; releases the stream's slots on drop.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    _total: Option<OwnedSemaphorePermit>,
+    per_ip: Option<(PerAddressCounts, IpAddr)>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Some((map, ip)) = self.per_ip.take() {
+            let mut map = map.lock();
+            if let Some(count) = map.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    map.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+impl Admission {
+    pub(crate) fn new(limits: &LimitsSettings) -> Admission {
+        let rate = limits.max_new_connections_per_sec;
+        Admission {
+            total: (limits.max_connections > 0)
+                .then(|| Arc::new(Semaphore::new(limits.max_connections))),
+            per_ip_limit: limits.max_connections_per_ip,
+            per_ip: Arc::default(),
+            trusted_proxies: limits.trusted_proxies.clone(),
+            rate: (rate > 0).then(|| Mutex::new(TokenBucket::new(f64::from(rate)))),
+        }
+    }
+
+    /// Admits a stream from `peer` or says why not.
+    pub(crate) fn admit(&self, peer: IpAddr, headers: &HeaderMap) -> Result<Admitted, ApiError> {
+        let total = match &self.total {
+            None => None,
+            Some(semaphore) => Some(semaphore.clone().try_acquire_owned().map_err(|_| {
+                ApiError::Overloaded("the gateway is at its connection limit".to_string())
+            })?),
+        };
+        let per_ip = if self.per_ip_limit > 0 {
+            let client = self.client_address(peer, headers);
+            let mut map = self.per_ip.lock();
+            let count = map.entry(client).or_insert(0);
+            if *count >= self.per_ip_limit {
+                return Err(ApiError::TooManyRequests(
+                    "too many open streams from this address".to_string(),
+                ));
+            }
+            *count += 1;
+            Some((self.per_ip.clone(), client))
+        } else {
+            None
+        };
+        // Build the guard first: if the rate check refuses, dropping it releases the slots.
+        let admitted = Admitted {
+            _total: total,
+            per_ip,
+        };
+        if let Some(bucket) = &self.rate {
+            if !bucket.lock().take(Instant::now()) {
+                return Err(ApiError::Overloaded(
+                    "too many new connections per second; retry shortly".to_string(),
+                ));
+            }
+        }
+        Ok(admitted)
+    }
+
+    /// The client's address: the peer, or the nearest untrusted hop when the peer is a proxy.
+    pub(crate) fn client_address(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.trusted_proxies.contains(&peer) {
+            return peer;
+        }
+        let hops: Vec<IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|hop| hop.trim().parse().ok())
+            .collect();
+        hops.into_iter()
+            .rev()
+            .find(|hop| !self.trusted_proxies.contains(hop))
+            .unwrap_or(peer)
+    }
+}
+
+/// A token bucket refilled at `rate` per second, holding at most one second's worth.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    updated: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64) -> TokenBucket {
+        TokenBucket {
+            rate,
+            tokens: rate,
+            updated: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.updated);
+        self.updated = now;
+        self.tokens = (self.tokens + elapsed.as_secs_f64() * self.rate).min(self.rate);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// How long a client refused for rate should wait.
+pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn limits() -> LimitsSettings {
+        LimitsSettings {
+            trusted_proxies: vec!["10.0.0.1".parse().expect("ip")],
+            ..LimitsSettings::default()
+        }
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let admission = Admission::new(&limits());
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.1.1.1, 2.2.2.2, 10.0.0.1"),
+        );
+        let proxy: IpAddr = "10.0.0.1".parse().expect("ip");
+        let stranger: IpAddr = "3.3.3.3".parse().expect("ip");
+        assert_eq!(
+            admission.client_address(proxy, &headers),
+            "2.2.2.2".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(admission.client_address(stranger, &headers), stranger);
+        assert_eq!(admission.client_address(proxy, &HeaderMap::new()), proxy);
+    }
+
+    #[test]
+    fn per_address_slots_are_released_on_drop() {
+        let admission = Admission::new(&LimitsSettings {
+            max_connections_per_ip: 2,
+            ..LimitsSettings::default()
+        });
+        let ip: IpAddr = "127.0.0.1".parse().expect("ip");
+        let headers = HeaderMap::new();
+        let a = admission.admit(ip, &headers).expect("first");
+        let _b = admission.admit(ip, &headers).expect("second");
+        assert!(admission.admit(ip, &headers).is_err());
+        drop(a);
+        assert!(admission.admit(ip, &headers).is_ok());
+    }
+
+    #[test]
+    fn token_bucket_refills_at_its_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(2.0);
+        bucket.updated = start;
+        assert!(bucket.take(start));
+        assert!(bucket.take(start));
+        assert!(!bucket.take(start));
+        assert!(bucket.take(start + Duration::from_millis(500)));
+        assert!(!bucket.take(start + Duration::from_millis(500)));
+    }
+}
