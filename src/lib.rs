@@ -92,6 +92,10 @@ pub async fn run(
     let public = channels::PublicChannels::new(&settings.channels.public)
         .map_err(|e| invalid("channels.public", e))?;
     let authorizer = auth::Authorizer::new(public, &settings.auth)?;
+    let public_options =
+        http::ServeOptions::from_settings(&settings.limits, settings.server.tls.as_ref())?;
+    let admin_options =
+        http::ServeOptions::from_settings(&config::LimitsSettings::default(), None)?;
 
     let metrics_handle = metrics::install();
     let upkeep = metrics_handle
@@ -124,7 +128,7 @@ pub async fn run(
         listeners.public,
         events,
         http::route_public,
-        http::ConnectionLimits::from_settings(&settings.limits),
+        public_options,
         stop.clone(),
         settings.shutdown_grace(),
     ));
@@ -138,7 +142,7 @@ pub async fn run(
         listeners.admin,
         admin,
         http::route_admin,
-        http::ConnectionLimits::from_settings(&config::LimitsSettings::default()),
+        admin_options,
         admin_stop.clone(),
         ADMIN_GRACE,
     ));

@@ -9,6 +9,7 @@ mod admission;
 mod cors;
 mod events;
 mod stream;
+mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -178,21 +179,29 @@ fn log_rejection(path: &str, error: &ApiError) {
     tracing::debug!(path = %shown, status = error.status().as_u16(), %error, suppressed, "request rejected");
 }
 
-/// Per-connection protocol limits.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct ConnectionLimits {
-    /// Time a client gets to send a complete request head (slowloris protection).
+/// How a listener serves its connections: protocol limits and optional TLS.
+#[derive(Clone)]
+pub(crate) struct ServeOptions {
+    /// Time a client gets to send a complete request head (slowloris protection); also bounds
+    /// the TLS handshake.
     pub(crate) header_read_timeout: Duration,
     /// Largest request head accepted.
     pub(crate) max_header_bytes: usize,
+    /// Terminates TLS when set.
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
-impl ConnectionLimits {
-    pub(crate) fn from_settings(limits: &crate::config::LimitsSettings) -> ConnectionLimits {
-        ConnectionLimits {
+impl ServeOptions {
+    /// Options from `[limits]` and `[server.tls]`.
+    pub(crate) fn from_settings(
+        limits: &crate::config::LimitsSettings,
+        tls: Option<&crate::config::TlsSettings>,
+    ) -> Result<ServeOptions, crate::config::ConfigError> {
+        Ok(ServeOptions {
             header_read_timeout: Duration::from_secs(limits.header_read_timeout_secs),
             max_header_bytes: limits.max_header_bytes,
-        }
+            tls: tls.map(tls::acceptor).transpose()?,
+        })
     }
 
     fn builder(&self) -> auto::Builder<TokioExecutor> {
@@ -217,7 +226,7 @@ pub(crate) async fn serve<E, F, Fut>(
     listener: TcpListener,
     endpoint: Arc<E>,
     handle: F,
-    limits: ConnectionLimits,
+    options: ServeOptions,
     stop: CancellationToken,
     grace: Duration,
 ) where
@@ -225,7 +234,7 @@ pub(crate) async fn serve<E, F, Fut>(
     F: Fn(Arc<E>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
 {
-    let builder = limits.builder();
+    let builder = options.builder();
     let graceful = GracefulShutdown::new();
     let local = listener.local_addr().ok();
     loop {
@@ -250,12 +259,28 @@ pub(crate) async fn serve<E, F, Fut>(
             request.extensions_mut().insert(Peer(peer));
             handle(endpoint.clone(), request)
         });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let Some(acceptor) = options.tls.clone() else {
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+            continue;
+        };
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let handshake_timeout = options.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => return tracing::debug!("TLS handshake timed out"),
+            };
+            let connection = builder.serve_connection(TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(connection.into_owned()).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });

@@ -417,19 +417,22 @@ impl SseClient {
         headers: &[(&str, &str)],
     ) -> TestResult<(u16, SseClient)> {
         let response = send_from(source, addr, "GET", path, headers).await?;
+        Ok(Self::from_response(response))
+    }
+
+    /// Wraps a response obtained any other way (HTTP/2, TLS).
+    pub fn from_response(response: hyper::Response<Incoming>) -> (u16, SseClient) {
         let status = response.status().as_u16();
         let (parts, body) = response.into_parts();
-        Ok((
-            status,
-            SseClient {
-                headers: parts.headers,
-                body,
-                buffer: String::new(),
-                partial: Vec::new(),
-                last_event_id: None,
-                ended: false,
-            },
-        ))
+        let client = SseClient {
+            headers: parts.headers,
+            body,
+            buffer: String::new(),
+            partial: Vec::new(),
+            last_event_id: None,
+            ended: false,
+        };
+        (status, client)
     }
 
     /// The next block, including comment-only and id-only blocks.
