@@ -204,6 +204,36 @@ impl Authorizer {
     }
 }
 
+/// Mints an HS256 token granting `channels` (and `sub`), valid for `ttl`. For development and
+/// tests: production tokens come from the application's own auth service.
+pub fn mint_token(
+    secret: &str,
+    channels: &[String],
+    sub: Option<&str>,
+    ttl: Duration,
+) -> Result<String, String> {
+    for pattern in channels {
+        Pattern::parse(pattern)?;
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_err(|e| e.to_string())?;
+    let mut claims = serde_json::json!({
+        "exp": (now + ttl).as_secs(),
+        "iat": now.as_secs(),
+        "channels": channels,
+    });
+    if let Some(sub) = sub {
+        claims["sub"] = serde_json::Value::from(sub);
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .map_err(|e| e.to_string())
+}
+
 fn validation(algorithm: Algorithm, settings: &AuthSettings) -> Validation {
     let mut validation = Validation::new(algorithm);
     validation.leeway = settings.leeway_secs;
@@ -263,6 +293,32 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn minted_tokens_are_accepted_for_their_grants() {
+        let settings = AuthSettings {
+            jwt_secret: serde_json::from_value(serde_json::json!("s3cret")).ok(),
+            user_channel: Some("user:{sub}".to_string()),
+            ..AuthSettings::default()
+        };
+        let authorizer = Authorizer::new(PublicChannels::default(), &settings).expect("valid");
+        let grants = vec!["orders:*".to_string()];
+        let token =
+            mint_token("s3cret", &grants, Some("7"), Duration::from_secs(60)).expect("mint");
+        let mut headers = HeaderMap::new();
+        let bearer = format!("Bearer {token}");
+        headers.insert(
+            AUTHORIZATION,
+            HeaderValue::from_str(&bearer).expect("header"),
+        );
+        let wanted = ["orders:1".to_string(), "user:7".to_string()];
+        assert!(authorizer.authorize(&headers, None, &wanted).is_ok());
+        let other = ["user:8".to_string()];
+        assert!(matches!(
+            authorizer.authorize(&headers, None, &other),
+            Err(Denied::Forbidden(_))
+        ));
+    }
 
     #[test]
     fn cookie_is_found_among_others() {

@@ -164,18 +164,26 @@ impl AuthSettings {
                 "auth.jwt_secret",
                 "set either auth.jwt_secret or auth.jwt_secret_file, not both".to_string(),
             )),
-            (Some(secret), None) => Ok(Some(secret.expose().to_string())),
+            (Some(secret), None) => non_empty("auth.jwt_secret", secret.expose().to_string()),
             (None, Some(path)) => std::fs::read_to_string(path)
-                .map(|s| Some(s.trim_end_matches(['\r', '\n']).to_string()))
                 .map_err(|e| {
-                    invalid(
-                        "auth.jwt_secret_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
+                    let message = format!("cannot read {}: {e}", path.display());
+                    invalid("auth.jwt_secret_file", message)
+                })
+                .and_then(|s| {
+                    let secret = s.trim_end_matches(['\r', '\n']).to_string();
+                    non_empty("auth.jwt_secret_file", secret)
                 }),
             (None, None) => Ok(None),
         }
     }
+}
+
+fn non_empty(key: &'static str, secret: String) -> Result<Option<String>, ConfigError> {
+    if secret.is_empty() {
+        return Err(invalid(key, "the secret is empty".to_string()));
+    }
+    Ok(Some(secret))
 }
 
 /// `[limits]`

@@ -79,6 +79,32 @@ impl Listeners {
     }
 }
 
+/// Asks the admin listener at `admin` for `/healthz`; `Ok` when it answers `200`. A listener on
+/// an unspecified address (`0.0.0.0`) is probed on loopback.
+pub fn probe_health(admin: SocketAddr, timeout: Duration) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut target = admin;
+    if target.ip().is_unspecified() {
+        target.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)
+        .map_err(|e| format!("{target}: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 16];
+    let read = stream.read(&mut head).map_err(|e| e.to_string())?;
+    let status_line = String::from_utf8_lossy(&head[..read]);
+    if status_line.starts_with("HTTP/1.0 200") || status_line.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(format!("unexpected answer: {status_line:?}"))
+    }
+}
+
 /// Runs the gateway until `shutdown` resolves, then drains within `server.shutdown_grace_secs`.
 pub async fn run(
     settings: Settings,

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
 use ssehub::config::{LogFormat, Settings};
 
 /// Redis pub/sub to Server-Sent Events gateway.
@@ -11,8 +13,30 @@ use ssehub::config::{LogFormat, Settings};
 #[command(version, about)]
 struct Args {
     /// Configuration file (TOML). Every key can be overridden with SSEHUB__<SECTION>__<KEY>.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", global = true)]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Print an HS256 token signed with auth.jwt_secret (for development and tests).
+    Token {
+        /// Channel patterns the token grants (repeatable).
+        #[arg(long = "channel", value_name = "PATTERN")]
+        channels: Vec<String>,
+        /// Subject (`sub`), for auth.user_channel.
+        #[arg(long)]
+        sub: Option<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+    /// Exit 0 when the admin listener answers /healthz (for container health checks).
+    Healthcheck,
 }
 
 const DEFAULT_CONFIG_PATH: &str = "./config.toml";
@@ -31,6 +55,50 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    match args.command.unwrap_or(Command::Run) {
+        Command::Run => run(settings),
+        Command::Token { channels, sub, ttl } => print_token(&settings, &channels, sub, ttl),
+        Command::Healthcheck => healthcheck(&settings),
+    }
+}
+
+fn print_token(
+    settings: &Settings,
+    channels: &[String],
+    sub: Option<String>,
+    ttl: u64,
+) -> ExitCode {
+    let minted = settings
+        .auth
+        .secret()
+        .map_err(|e| e.to_string())
+        .and_then(|secret| secret.ok_or_else(|| "auth.jwt_secret is not configured".to_string()))
+        .and_then(|secret| {
+            ssehub::auth::mint_token(&secret, channels, sub.as_deref(), Duration::from_secs(ttl))
+        });
+    match minted {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ssehub token: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn healthcheck(settings: &Settings) -> ExitCode {
+    match ssehub::probe_health(settings.admin.listen, Duration::from_secs(2)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ssehub healthcheck: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(settings: Settings) -> ExitCode {
     init_logging(&settings);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

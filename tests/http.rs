@@ -150,3 +150,35 @@ fn bad_configuration_stops_start_up_naming_the_key() -> TestResult {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_healthcheck_subcommand_probes_the_admin_listener() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let gateway = TestGateway::start_ready(test_settings(&redis)).await?;
+    let admin = gateway.admin.to_string();
+    // The probe blocks; run it off the runtime that serves the gateway.
+    let probe = |admin: String| {
+        tokio::task::spawn_blocking(move || {
+            run_binary(&["healthcheck"], &[("SSEHUB__ADMIN__LISTEN", &admin)])
+        })
+    };
+    let output = probe(admin.clone()).await??;
+    assert!(output.status.success(), "{output:?}");
+    gateway.stop().await?;
+    let output = probe(admin).await??;
+    assert!(!output.status.success());
+    Ok(())
+}
+
+#[test]
+fn the_token_subcommand_mints_a_token_only_with_a_secret() -> TestResult {
+    let output = run_binary(&["token", "--channel", "orders"], &[])?;
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("auth.jwt_secret"));
+    let env = [("SSEHUB__AUTH__JWT_SECRET", "s3cret")];
+    let output = run_binary(&["token", "--channel", "orders", "--sub", "42"], &env)?;
+    assert!(output.status.success());
+    let token = String::from_utf8(output.stdout)?;
+    assert_eq!(token.trim().split('.').count(), 3);
+    Ok(())
+}
