@@ -36,6 +36,8 @@ pub const DEFAULT_MAX_CHANNELS_PER_CONNECTION: usize = 16;
 /// Default time open streams get to end on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
 
+/// Default spread of the final `retry:` sent on shutdown.
+pub const DEFAULT_SHUTDOWN_RETRY_JITTER_MS: u64 = 5000;
 /// Default clock-skew leeway for JWT `exp`/`nbf`.
 pub const DEFAULT_AUTH_LEEWAY_SECS: u64 = 30;
 /// Default name of the token cookie.
@@ -98,6 +100,12 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     /// Seconds open streams and connections get to finish after a shutdown signal.
     pub shutdown_grace_secs: u64,
+    /// On shutdown each stream gets a final `retry:` drawn uniformly from
+    /// `[sse.retry_ms, sse.retry_ms + shutdown_retry_jitter_ms]`, so clients spread their
+    /// reconnects instead of stampeding the remaining instances.
+    pub shutdown_retry_jitter_ms: u64,
+    /// Serve the demo page at `/`.
+    pub demo_page: bool,
     /// Origins (exact `scheme://host[:port]`) allowed to read streams cross-origin; `*` = any.
     pub cors_origins: Vec<String>,
     /// Whether cross-origin requests may carry credentials (cookies).
@@ -295,6 +303,8 @@ impl Default for ServerSettings {
         ServerSettings {
             listen: parse_default_addr(DEFAULT_SERVER_LISTEN),
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+            shutdown_retry_jitter_ms: DEFAULT_SHUTDOWN_RETRY_JITTER_MS,
+            demo_page: true,
             cors_origins: Vec::new(),
             cors_credentials: false,
             tls: None,

@@ -79,6 +79,37 @@ impl Listeners {
     }
 }
 
+/// Entry points for fuzzing request handling without a network (`fuzz/`). Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::sync::OnceLock;
+
+    /// Parses and authorizes a request the way `GET /events` does, against a gateway configured
+    /// with public `news:*`, an HS256 secret and `user:{sub}` channels. Returns the 4xx message
+    /// or the resume position.
+    pub fn inspect_request(
+        query: Option<&str>,
+        headers: &http::HeaderMap,
+    ) -> Result<Option<u64>, String> {
+        static FIXTURE: OnceLock<Option<(crate::auth::Authorizer, crate::sse::Epoch)>> =
+            OnceLock::new();
+        let fixture = FIXTURE.get_or_init(|| {
+            let public = crate::channels::PublicChannels::new(&["news:*".to_string()]).ok()?;
+            let settings = crate::config::AuthSettings {
+                jwt_secret: serde_json::from_value(serde_json::json!("fuzz-secret")).ok(),
+                user_channel: Some("user:{sub}".to_string()),
+                ..Default::default()
+            };
+            let authorizer = crate::auth::Authorizer::new(public, &settings).ok()?;
+            Some((authorizer, crate::sse::Epoch::random()))
+        });
+        let Some((authorizer, epoch)) = fixture else {
+            return Err("fuzz fixture failed to build".to_string());
+        };
+        crate::http::inspect_request(authorizer, epoch, 16, query, headers)
+    }
+}
+
 /// Asks the admin listener at `admin` for `/healthz`; `Ok` when it answers `200`. A listener on
 /// an unspecified address (`0.0.0.0`) is probed on loopback.
 pub fn probe_health(admin: SocketAddr, timeout: Duration) -> Result<(), String> {
@@ -162,6 +193,7 @@ pub async fn run(
     let admin_stop = CancellationToken::new();
     let admin = Arc::new(http::AdminEndpoint {
         hub: hub.clone(),
+        draining: stop.clone(),
         metrics: metrics_handle,
     });
     let admin_server = tokio::spawn(http::serve(

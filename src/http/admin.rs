@@ -15,6 +15,8 @@ use crate::hub::Hub;
 #[derive(Debug)]
 pub(crate) struct AdminEndpoint {
     pub(crate) hub: Arc<Hub>,
+    /// Cancelled when draining starts: from then on the instance reports not ready.
+    pub(crate) draining: tokio_util::sync::CancellationToken,
     /// `None` when another metrics recorder owns the process (embedding); `/metrics` is then empty.
     pub(crate) metrics: Option<PrometheusHandle>,
 }
@@ -42,7 +44,12 @@ impl AdminEndpoint {
 
     /// `200` only while the Redis subscription connection is up.
     pub(crate) fn readyz(&self) -> Response<ResponseBody> {
-        if self.hub.upstream_up() {
+        if self.draining.is_cancelled() {
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({ "status": "not ready", "reason": "draining" }),
+            )
+        } else if self.hub.upstream_up() {
             json_response(StatusCode::OK, &serde_json::json!({ "status": "ready" }))
         } else {
             json_response(

@@ -81,6 +81,7 @@ impl EventsEndpoint {
             resume_from: resume_from.as_deref(),
             retry_ms: self.settings.sse.retry_ms,
             heartbeat: self.settings.heartbeat(),
+            shutdown_retry_jitter_ms: self.settings.server.shutdown_retry_jitter_ms,
             expires_at: access.expires_at,
             admitted,
         };
@@ -93,6 +94,25 @@ impl EventsEndpoint {
         *response.status_mut() = StatusCode::OK;
         Ok(response)
     }
+}
+
+/// Runs everything `/events` does with a request before touching the hub: query parsing,
+/// authorization and resume-id parsing. Used by the fuzz target; errors are the 4xx messages.
+pub(crate) fn inspect_request(
+    authorizer: &Authorizer,
+    epoch: &crate::sse::Epoch,
+    max_channels: usize,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Option<u64>, String> {
+    let parsed = parse_query(query, max_channels)?;
+    authorizer
+        .authorize(headers, parsed.token.as_deref(), &parsed.channels)
+        .map_err(|e| e.to_string())?;
+    Ok(
+        resume_id(headers, parsed.last_event_id.as_deref())
+            .and_then(|id| epoch.parse_position(&id)),
+    )
 }
 
 /// The resume id: the `Last-Event-ID` header, else the query parameter. Empty means fresh.

@@ -36,7 +36,7 @@ pub(crate) use cors::Cors;
 /// The TCP peer of a request, attached as a request extension by the accept loop.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Peer(pub(crate) std::net::SocketAddr);
-pub(crate) use events::EventsEndpoint;
+pub(crate) use events::{inspect_request, EventsEndpoint};
 
 /// Body of every response: a fixed JSON document or an SSE stream.
 pub(crate) type ResponseBody = Either<Full<Bytes>, stream::EventStream>;

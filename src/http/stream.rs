@@ -47,6 +47,8 @@ pub(crate) struct EventStream {
     wake: StreamMap<usize, WatchStream<()>>,
     heartbeat: Pin<Box<Sleep>>,
     heartbeat_every: Duration,
+    /// `(retry_ms, jitter)` for the final `retry:` at shutdown.
+    shutdown_retry: (u64, u64),
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     /// When the token that opened the stream expires; the stream ends then.
     expiry: Option<Pin<Box<Sleep>>>,
@@ -88,6 +90,8 @@ pub(crate) struct StreamStart<'a> {
     pub(crate) retry_ms: u64,
     /// Silence after which a heartbeat comment is sent.
     pub(crate) heartbeat: Duration,
+    /// Spread added to `retry_ms` in the final `retry:` sent at shutdown.
+    pub(crate) shutdown_retry_jitter_ms: u64,
     /// When the stream must end because its credentials expire.
     pub(crate) expires_at: Option<SystemTime>,
     /// The stream's admission (connection-limit slots).
@@ -121,6 +125,7 @@ impl EventStream {
             wake,
             heartbeat: Box::pin(tokio::time::sleep(start.heartbeat)),
             heartbeat_every: start.heartbeat,
+            shutdown_retry: (start.retry_ms, start.shutdown_retry_jitter_ms),
             shutdown: Box::pin(shutdown.cancelled_owned()),
             expiry: start
                 .expires_at
@@ -246,6 +251,11 @@ impl Body for EventStream {
                 return Poll::Ready(None);
             }
             if this.shutdown.as_mut().poll(cx).is_ready() {
+                // A spread-out reconnection delay, so a fleet's clients do not come back at once.
+                let (retry_ms, jitter_ms) = this.shutdown_retry;
+                let retry = retry_ms + rand::random_range(0..=jitter_ms);
+                let frame = Bytes::from(format!("retry: {retry}\n\n"));
+                this.pending.push_back(Outgoing::control(frame));
                 this.finished = Some(CloseReason::Shutdown);
                 continue;
             }
