@@ -182,3 +182,20 @@ fn the_token_subcommand_mints_a_token_only_with_a_secret() -> TestResult {
     assert_eq!(token.trim().split('.').count(), 3);
     Ok(())
 }
+
+#[tokio::test]
+async fn the_demo_page_is_served_at_the_root_unless_disabled() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let gateway = TestGateway::start_ready(test_settings(&redis)).await?;
+    let (status, body) = get(gateway.addr, "/", &[]).await?;
+    assert_eq!(status, 200);
+    assert!(body.contains("new EventSource"));
+    gateway.stop().await?;
+
+    let mut settings = test_settings(&redis);
+    settings.server.demo_page = false;
+    let gateway = TestGateway::start_ready(settings).await?;
+    let (status, _) = get(gateway.addr, "/", &[]).await?;
+    assert_eq!(status, 404);
+    gateway.stop().await
+}

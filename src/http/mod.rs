@@ -134,6 +134,7 @@ pub(crate) async fn route_public(
     let result = match (path.as_str(), request.method()) {
         ("/events", &Method::GET) => endpoint.handle(request).await,
         ("/events", &Method::OPTIONS) => Ok(endpoint.cors.preflight(&request_headers)),
+        ("/", &Method::GET) if endpoint.settings.server.demo_page => Ok(demo_page()),
         ("/events", _) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     };
@@ -145,6 +146,17 @@ pub(crate) async fn route_public(
         endpoint.cors.decorate(&request_headers, &mut response);
     }
     Ok(response)
+}
+
+/// The self-contained demo page served at `/` (`server.demo_page`).
+fn demo_page() -> Response<ResponseBody> {
+    const PAGE: &str = include_str!("demo.html");
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from_static(PAGE.as_bytes()))));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response
 }
 
 /// Routes of the admin listener.
