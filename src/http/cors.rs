@@ -6,10 +6,9 @@
 
 use http::header::{
     HeaderValue, ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS,
-    ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE, ORIGIN,
-    VARY,
+    ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE, VARY,
 };
-use http::{HeaderMap, Response, StatusCode};
+use http::{Response, StatusCode};
 
 use super::ResponseBody;
 
@@ -36,8 +35,8 @@ impl Cors {
     }
 
     /// The `Access-Control-Allow-Origin` value for a request's `Origin`, if it is allowed.
-    fn allowed_origin(&self, request: &HeaderMap) -> Option<HeaderValue> {
-        let origin = request.get(ORIGIN)?;
+    fn allowed_origin(&self, origin: Option<&HeaderValue>) -> Option<HeaderValue> {
+        let origin = origin?;
         let text = origin.to_str().ok()?;
         if self.origins.iter().any(|o| o == text) {
             return Some(origin.clone());
@@ -47,13 +46,17 @@ impl Cors {
     }
 
     /// Adds CORS headers to a response (stream or error) for an allowed origin.
-    pub(crate) fn decorate(&self, request: &HeaderMap, response: &mut Response<ResponseBody>) {
+    pub(crate) fn decorate(
+        &self,
+        origin: Option<&HeaderValue>,
+        response: &mut Response<ResponseBody>,
+    ) {
         let headers = response.headers_mut();
         if !self.origins.is_empty() {
             // The answer depends on Origin: caches must not reuse it for another origin.
             headers.append(VARY, HeaderValue::from_static("Origin"));
         }
-        let Some(origin) = self.allowed_origin(request) else {
+        let Some(origin) = self.allowed_origin(origin) else {
             return;
         };
         headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
@@ -66,11 +69,11 @@ impl Cors {
     }
 
     /// Answers a preflight `OPTIONS` request: `204`, with CORS headers only for allowed origins.
-    pub(crate) fn preflight(&self, request: &HeaderMap) -> Response<ResponseBody> {
+    pub(crate) fn preflight(&self, origin: Option<&HeaderValue>) -> Response<ResponseBody> {
         let mut response = Response::new(ResponseBody::Left(Default::default()));
         *response.status_mut() = StatusCode::NO_CONTENT;
-        self.decorate(request, &mut response);
-        if self.allowed_origin(request).is_some() {
+        self.decorate(origin, &mut response);
+        if self.allowed_origin(origin).is_some() {
             let headers = response.headers_mut();
             headers.insert(
                 ACCESS_CONTROL_ALLOW_METHODS,

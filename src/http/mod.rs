@@ -130,10 +130,11 @@ pub(crate) async fn route_public(
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let path = request.uri().path().to_string();
-    let request_headers = request.headers().clone();
+    // Only the Origin is needed after the request is consumed (for CORS headers).
+    let origin = request.headers().get(http::header::ORIGIN).cloned();
     let result = match (path.as_str(), request.method()) {
         ("/events", &Method::GET) => endpoint.handle(request).await,
-        ("/events", &Method::OPTIONS) => Ok(endpoint.cors.preflight(&request_headers)),
+        ("/events", &Method::OPTIONS) => Ok(endpoint.cors.preflight(origin.as_ref())),
         ("/", &Method::GET) if endpoint.settings.server.demo_page => Ok(demo_page()),
         ("/events", _) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
@@ -143,7 +144,7 @@ pub(crate) async fn route_public(
         error.into_response()
     });
     if response.status() != StatusCode::NO_CONTENT {
-        endpoint.cors.decorate(&request_headers, &mut response);
+        endpoint.cors.decorate(origin.as_ref(), &mut response);
     }
     Ok(response)
 }
