@@ -235,7 +235,12 @@ impl Hub {
         let now = Instant::now();
         let mut map = self.channels.lock();
         for channel in channels {
-            if let Some(slot) = map.get_mut(&channel.name) {
+            // A slot is only freed with no leases, so it is still this channel's; the check
+            // keeps a future change to that rule from corrupting another incarnation's count.
+            let slot = map
+                .get_mut(&channel.name)
+                .filter(|slot| slot.channel.generation == channel.generation);
+            if let Some(slot) = slot {
                 slot.leases = slot.leases.saturating_sub(1);
                 if slot.leases == 0 {
                     slot.idle_since = Some(now);
