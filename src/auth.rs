@@ -5,7 +5,10 @@
 //! by `auth.user_channel` for its `sub`). The token is taken from the first source present:
 //! `Authorization: Bearer`, then the `auth.cookie_name` cookie, then the `token` query parameter.
 //! There is no falling back: a presented token that is invalid is refused even for public
-//! channels, so a client with a broken token learns it at once.
+//! channels, so a client with a broken token learns it at once. Only the `Bearer` scheme is a
+//! source (a `Basic` header meant for a proxy is ignored), and empty values count as absent.
+//! With no key configured, authorization is off: tokens are ignored and only
+//! `channels.public` applies.
 //!
 //! The accepted algorithm follows from the configured key (HS256 for a secret, RS256 or ES256
 //! for a PEM public key), never from the token header: a header only selects among the keys the
@@ -168,20 +171,23 @@ impl Authorizer {
     }
 
     /// The first token source present; later sources are not consulted.
+    /// The first token source present; later sources are not consulted. With no verification
+    /// key configured, authorization is off and tokens are not looked at.
     fn presented_token(&self, headers: &HeaderMap, query_token: Option<&str>) -> Option<String> {
-        if let Some(value) = headers.get(AUTHORIZATION) {
+        if !self.tokens_enabled() {
+            return None;
+        }
+        let bearer = headers.get(AUTHORIZATION).and_then(|value| {
             let text = String::from_utf8_lossy(value.as_bytes());
-            // A malformed Authorization header is still "a token was presented": it fails.
-            let token = text
-                .strip_prefix("Bearer ")
-                .or_else(|| text.strip_prefix("bearer "))
-                .unwrap_or("");
-            return Some(token.trim().to_string());
-        }
-        if let Some(token) = cookie(headers, &self.cookie_name) {
-            return Some(token);
-        }
-        query_token.map(str::to_string)
+            // Other schemes (Basic for a proxy, ...) are not ours: only Bearer is a source.
+            let (scheme, token) = text.trim().split_once(' ').unwrap_or((&text, ""));
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().to_string())
+        });
+        bearer
+            .or_else(|| cookie(headers, &self.cookie_name).filter(|t| !t.is_empty()))
+            .or_else(|| query_token.filter(|t| !t.is_empty()).map(str::to_string))
     }
 
     fn verify(&self, token: &str) -> Result<Claims, Denied> {

@@ -187,6 +187,22 @@ impl AuthSettings {
     }
 }
 
+/// A list of IP addresses where empty entries are skipped, so that an empty environment value
+/// (`SSEHUB__LIMITS__TRUSTED_PROXIES=`) means "none", as for the other list keys.
+fn ip_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<IpAddr>, D::Error> {
+    let entries: Vec<String> = Vec::deserialize(deserializer)?;
+    entries
+        .iter()
+        .map(|entry| entry.trim())
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            entry
+                .parse()
+                .map_err(|_| serde::de::Error::custom(format!("`{entry}` is not an IP address")))
+        })
+        .collect()
+}
+
 fn non_empty(key: &'static str, secret: String) -> Result<Option<String>, ConfigError> {
     if secret.is_empty() {
         return Err(invalid(key, "the secret is empty".to_string()));
@@ -203,6 +219,7 @@ pub struct LimitsSettings {
     /// Most open streams per client address; more get `429`. `0` = no limit.
     pub max_connections_per_ip: usize,
     /// Proxies whose `X-Forwarded-For` is believed (exact addresses).
+    #[serde(deserialize_with = "ip_list")]
     pub trusted_proxies: Vec<IpAddr>,
     /// Seconds a client gets to send its request headers (slowloris protection).
     pub header_read_timeout_secs: u64,
@@ -635,6 +652,27 @@ mod tests {
         assert_eq!(settings.server.listen.to_string(), "127.0.0.1:18080");
         assert_eq!(settings.history.capacity, 7);
         assert_eq!(settings.channels.public, vec!["orders", "user:*"]);
+    }
+
+    #[test]
+    fn empty_environment_lists_mean_none() {
+        let settings = load(
+            "",
+            &[
+                ("SSEHUB__CHANNELS__PUBLIC", ""),
+                ("SSEHUB__SERVER__CORS_ORIGINS", ""),
+                ("SSEHUB__LIMITS__TRUSTED_PROXIES", ""),
+            ],
+        )
+        .expect("empty lists are valid");
+        assert!(settings.channels.public.is_empty());
+        assert!(settings.server.cors_origins.is_empty());
+        assert!(settings.limits.trusted_proxies.is_empty());
+        let settings = load("", &[("SSEHUB__LIMITS__TRUSTED_PROXIES", "10.0.0.1,::1")])
+            .expect("valid proxies");
+        assert_eq!(settings.limits.trusted_proxies.len(), 2);
+        let err = error_of("", &[("SSEHUB__LIMITS__TRUSTED_PROXIES", "nope")]);
+        assert!(err.contains("trusted_proxies"), "{err}");
     }
 
     #[test]

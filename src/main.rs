@@ -111,17 +111,27 @@ fn run(settings: Settings) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        // Register the handlers before anything else, so a signal during start-up is not lost.
+        let shutdown = match ShutdownSignals::install() {
+            Ok(signals) => signals,
+            Err(e) => {
+                eprintln!("ssehub: cannot install signal handlers: {e}");
+                return Ok(ExitCode::FAILURE);
+            }
+        };
         let listeners = ssehub::Listeners::bind(&settings).await?;
-        ssehub::run(settings, listeners, shutdown_signal()).await
+        ssehub::run(settings, listeners, shutdown.received()).await?;
+        Ok(ExitCode::SUCCESS)
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("ssehub: {e}");
-            ExitCode::FAILURE
+    result.unwrap_or_else(|e: ssehub::StartError| {
+        tracing::error!("{e}");
+        eprintln!("ssehub: {e}");
+        match e {
+            // Configuration problems exit like those found while loading: 2.
+            ssehub::StartError::Config(_) => ExitCode::from(2),
+            ssehub::StartError::Bind { .. } => ExitCode::FAILURE,
         }
-    }
+    })
 }
 
 fn init_logging(settings: &Settings) {
@@ -134,26 +144,26 @@ fn init_logging(settings: &Settings) {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
+/// SIGTERM and SIGINT handlers, registered up front.
+struct ShutdownSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> std::io::Result<ShutdownSignals> {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = interrupt => {}
-                    _ = terminate.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = interrupt.await;
-            }
-        }
+        Ok(ShutdownSignals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
     }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
+
+    /// Resolves on the first SIGTERM or SIGINT.
+    async fn received(mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => tracing::info!("SIGTERM received"),
+            _ = self.interrupt.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }

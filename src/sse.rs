@@ -84,7 +84,14 @@ pub fn encode_preamble(retry_ms: u64, id: EventId<'_>) -> Bytes {
 
 /// Encodes a `gateway.reset` event for `channels`, positioned at `id`.
 pub fn encode_reset(id: EventId<'_>, reason: &str, channels: &[&str]) -> Bytes {
-    let data = serde_json::json!({ "reason": reason, "channels": channels }).to_string();
+    #[derive(serde::Serialize)]
+    struct Reset<'a> {
+        reason: &'a str,
+        channels: &'a [&'a str],
+    }
+    // Serializing two strings cannot fail; the fallback only keeps the frame well-formed.
+    let data = serde_json::to_string(&Reset { reason, channels })
+        .unwrap_or_else(|_| format!("{{\"reason\":\"{reason}\"}}"));
     encode_event(id, Some(RESET_EVENT), &data)
 }
 
@@ -250,7 +257,7 @@ mod tests {
         let out = encode_reset(epoch().id(3), "history_expired", &["a", "b\"c"]);
         assert_eq!(
             String::from_utf8_lossy(&out),
-            "id: e-3\nevent: gateway.reset\ndata: {\"channels\":[\"a\",\"b\\\"c\"],\"reason\":\"history_expired\"}\n\n"
+            "id: e-3\nevent: gateway.reset\ndata: {\"reason\":\"history_expired\",\"channels\":[\"a\",\"b\\\"c\"]}\n\n"
         );
     }
 }

@@ -313,3 +313,40 @@ async fn an_open_stream_ends_cleanly_when_its_token_expires() -> TestResult {
     client.expect_end(Duration::from_secs(6)).await?;
     gateway.stop().await
 }
+
+#[tokio::test]
+async fn only_the_bearer_scheme_is_a_token_source() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let gateway = TestGateway::start_ready(auth_settings(&redis)).await?;
+    let token = hs256(&claims(&["orders"]))?;
+    let cookie = format!("ssehub_token={token}");
+    let basic = [
+        ("Authorization", "Basic dXNlcjpwYXNz"),
+        ("Cookie", cookie.as_str()),
+    ];
+    assert_eq!(status_of(&gateway, "channel=orders", &basic).await?, 200);
+    let basic_only = [("Authorization", "Basic dXNlcjpwYXNz")];
+    assert_eq!(
+        status_of(&gateway, "channel=orders", &basic_only).await?,
+        401
+    );
+    // Empty cookie and query values are absent, not invalid.
+    let empty = [("Cookie", "ssehub_token=")];
+    assert_eq!(
+        status_of(&gateway, "channel=news:x&token=", &empty).await?,
+        200
+    );
+    gateway.stop().await
+}
+
+#[tokio::test]
+async fn tokens_are_ignored_when_no_key_is_configured() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let mut settings = test_settings(&redis);
+    settings.channels.public = vec!["news:*".to_string()];
+    let gateway = TestGateway::start_ready(settings).await?;
+    let garbage = [("Authorization", "Bearer garbage")];
+    assert_eq!(status_of(&gateway, "channel=news:x", &garbage).await?, 200);
+    assert_eq!(status_of(&gateway, "channel=secret", &garbage).await?, 403);
+    gateway.stop().await
+}

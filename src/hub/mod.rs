@@ -359,7 +359,8 @@ impl Hub {
         };
         let seq = self.head.load(Ordering::Relaxed) + 1;
         let now = Instant::now();
-        for channel in &channels {
+        let mut restored = Vec::with_capacity(channels.len());
+        for channel in channels {
             let mut state = channel.state.write();
             match state.status {
                 Status::Pending => state.ring.start_at(seq),
@@ -372,10 +373,15 @@ impl Hub {
                 }
                 Status::Subscribed => continue,
             }
-            state.status = Status::Subscribed;
+            drop(state);
+            restored.push(channel);
         }
+        // Move the head before flipping the status: a new stream that sees `Subscribed` must
+        // also see a head at or past the channel's start, or it would begin before the history
+        // and get a spurious reset.
         self.advance_head();
-        for channel in &channels {
+        for channel in &restored {
+            channel.state.write().status = Status::Subscribed;
             channel.changed.send_replace(());
         }
     }
