@@ -133,7 +133,14 @@ pub fn event_type_of(payload: &str, field: &str) -> Option<String> {
     let mut deserializer = serde_json::Deserializer::from_str(payload);
     let found = TypeField(field).deserialize(&mut deserializer).ok()?;
     deserializer.end().ok()?;
-    found.filter(|t| !t.is_empty() && !t.contains(['\r', '\n']))
+    found.filter(|t| !t.is_empty() && !t.contains(['\r', '\n']) && !is_reserved_type(t))
+}
+
+/// Event types a payload may not claim: `error` and `open` would fire EventSource's own
+/// handlers, and `gateway.*` is the gateway's namespace (a publisher must not fake a
+/// `gateway.reset`). Such payloads are delivered as plain `message` events.
+fn is_reserved_type(event_type: &str) -> bool {
+    matches!(event_type, "error" | "open") || event_type.starts_with("gateway.")
 }
 
 /// Reads one field of a JSON object and skips everything else without building a tree.
@@ -237,6 +244,9 @@ mod tests {
             r#"{"type":"x"} trailing"#,
             r#"["type"]"#,
             r#"{"type":"x""#,
+            r#"{"type":"error"}"#,
+            r#"{"type":"open"}"#,
+            r#"{"type":"gateway.reset","reason":"fake"}"#,
             "plain text",
         ] {
             assert_eq!(event_type_of(payload, "type"), None, "{payload}");

@@ -111,11 +111,17 @@ async fn event_type_comes_from_the_json_type_field() -> TestResult {
     redis.publish("orders", r#"{"type":"ignored"}"#).await?;
     redis.publish("orders", r#"{"kind":"bad\ntype"}"#).await?;
     redis.publish("orders", "[1,2]").await?;
+    // Names that would fire EventSource's own handlers or fake a reset stay plain messages.
+    for reserved in ["error", "open", "gateway.reset"] {
+        redis
+            .publish("orders", format!(r#"{{"kind":"{reserved}"}}"#))
+            .await?;
+    }
 
     let event = client.next_event().await?;
     assert_eq!(event.event_type(), "OrderPlaced");
     assert_eq!(event.data(), placed);
-    for _ in 0..3 {
+    for _ in 0..6 {
         assert_eq!(client.next_event().await?.event_type(), "message");
     }
     gateway.stop().await

@@ -108,7 +108,12 @@ proptest! {
     }
 
     #[test]
-    fn json_event_types_come_through_intact(event_type in "[^\r\n]{1,40}", body in payload()) {
+    fn json_event_types_come_through_intact(
+        event_type in "[^\r\n]{1,40}".prop_filter("reserved", |t| {
+            !matches!(t.as_str(), "error" | "open") && !t.starts_with("gateway.")
+        }),
+        body in payload(),
+    ) {
         let json = serde_json::json!({ "type": event_type, "body": body }).to_string();
         let detected = event_type_of(&json, "type");
         prop_assert_eq!(detected.as_deref(), Some(event_type.as_str()));
