@@ -181,6 +181,8 @@ pub async fn run(
         settings: settings.clone(),
         shutdown: stop.clone(),
     });
+    let mut public_options = public_options;
+    public_options.fast_events = Some(events.clone());
     let public_server = tokio::spawn(http::serve(
         listeners.public,
         events,

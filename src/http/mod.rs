@@ -8,6 +8,7 @@ mod admin;
 mod admission;
 mod cors;
 mod events;
+mod fast_path;
 mod stream;
 mod tls;
 
@@ -125,9 +126,9 @@ pub(crate) fn json_response(
 }
 
 /// Routes of the public listener.
-pub(crate) async fn route_public(
+pub(crate) async fn route_public<B>(
     endpoint: Arc<EventsEndpoint>,
-    request: Request<Incoming>,
+    request: Request<B>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let path = request.uri().path().to_string();
     // Only the Origin is needed after the request is consumed (for CORS headers).
@@ -202,6 +203,8 @@ pub(crate) struct ServeOptions {
     pub(crate) max_header_bytes: usize,
     /// Terminates TLS when set.
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Serves plain-TCP HTTP/1.1 `GET /events` without hyper when set (see `fast_path`).
+    pub(crate) fast_events: Option<Arc<EventsEndpoint>>,
 }
 
 impl ServeOptions {
@@ -214,6 +217,7 @@ impl ServeOptions {
             header_read_timeout: Duration::from_secs(limits.header_read_timeout_secs),
             max_header_bytes: limits.max_header_bytes,
             tls: tls.map(tls::acceptor).transpose()?,
+            fast_events: None,
         })
     }
 
@@ -249,6 +253,8 @@ pub(crate) async fn serve<E, F, Fut>(
 {
     let builder = options.builder();
     let graceful = GracefulShutdown::new();
+    // Fast-path streams are not hyper connections: they are tracked here for the drain.
+    let streams = tokio_util::task::TaskTracker::new();
     let local = listener.local_addr().ok();
     loop {
         let accepted = tokio::select! {
@@ -273,15 +279,36 @@ pub(crate) async fn serve<E, F, Fut>(
             handle(endpoint.clone(), request)
         });
         let Some(acceptor) = options.tls.clone() else {
-            let connection = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            let connection = graceful.watch(connection);
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "connection ended with an error");
+            let Some(events) = options.fast_events.clone() else {
+                let connection = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+                continue;
+            };
+            let (builder, watcher) = (builder.clone(), graceful.watcher());
+            let (timeout, max_head) = (options.header_read_timeout, options.max_header_bytes);
+            tokio::spawn(streams.track_future(async move {
+                let mut stream = stream;
+                match fast_path::sniff(&mut stream, peer, timeout, max_head).await {
+                    fast_path::Sniffed::Events(request) => {
+                        fast_path::serve(stream, *request, events).await;
+                    }
+                    fast_path::Sniffed::Other(prefix) => {
+                        let io = TokioIo::new(fast_path::Rewind::new(prefix, stream));
+                        let connection = builder.serve_connection(io, service).into_owned();
+                        if let Err(e) = watcher.watch(connection).await {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                    }
+                    fast_path::Sniffed::Gone => {}
                 }
-            });
+            }));
             continue;
         };
         let (builder, watcher) = (builder.clone(), graceful.watcher());
@@ -299,11 +326,12 @@ pub(crate) async fn serve<E, F, Fut>(
         });
     }
     drop(listener);
-    let open = graceful.count();
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    streams.close();
+    let open = graceful.count() + streams.len();
+    let drained = async {
+        tokio::join!(graceful.shutdown(), streams.wait());
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(
             ?local,
             open,

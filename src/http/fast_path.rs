@@ -1,0 +1,409 @@
+//! The HTTP/1.1 fast path for `GET /events` on plain TCP.
+//!
+//! An SSE stream lives for hours and carries small frames, so what a connection costs while it
+//! streams is what decides how many clients one process holds. hyper keeps an 8 KiB read buffer
+//! and an 8 KiB write buffer per connection for its whole life, which doubles the resident memory
+//! of an idle stream. This module therefore reads the request head itself (with `httparse`),
+//! and when it is an HTTP/1.1 `GET /events` it runs the same routing as hyper would, writes the
+//! response head, and then pumps the stream's frames straight into the socket as chunks, with
+//! vectored writes of the shared frame buffers (no copies). Anything else (other paths and
+//! methods, HTTP/1.0, HTTP/2 prior knowledge, malformed or oversized heads) is handed to hyper
+//! together with the bytes already read, so behaviour there is hyper's.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Request, Version};
+use http_body::Body;
+use http_body_util::Either;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::{EventsEndpoint, Peer};
+
+/// Most request headers the fast path parses; more goes to hyper.
+const MAX_HEADERS: usize = 64;
+/// First read size for the request head; grows up to `limits.max_header_bytes`.
+const INITIAL_HEAD_BUFFER: usize = 1024;
+/// Most frames gathered into one chunk (one vectored write).
+const MAX_FRAMES_PER_CHUNK: usize = 64;
+
+/// What the start of a connection turned out to be.
+pub(crate) enum Sniffed {
+    /// An HTTP/1.1 `GET /events`, parsed.
+    Events(Box<Request<()>>),
+    /// Anything else: the bytes read so far, to be replayed to hyper.
+    Other(Bytes),
+    /// The client closed or stalled before sending a complete head: drop the connection.
+    Gone,
+}
+
+/// Reads the request head (bounded in size and time) and decides who serves the connection.
+pub(crate) async fn sniff(
+    stream: &mut TcpStream,
+    peer: std::net::SocketAddr,
+    timeout: Duration,
+    max_head: usize,
+) -> Sniffed {
+    let mut buffer = BytesMut::with_capacity(INITIAL_HEAD_BUFFER);
+    let read_head = async {
+        loop {
+            match parse_head(&buffer, peer) {
+                Parsed::Events(request) => return Sniffed::Events(request),
+                Parsed::Other => return Sniffed::Other(buffer.split().freeze()),
+                Parsed::Partial if buffer.len() >= max_head => {
+                    // Let hyper answer `431` with its own reading of the rest.
+                    return Sniffed::Other(buffer.split().freeze());
+                }
+                Parsed::Partial => {}
+            }
+            buffer.reserve(INITIAL_HEAD_BUFFER.min(max_head - buffer.len()).max(1));
+            match tokio::io::AsyncReadExt::read_buf(stream, &mut buffer).await {
+                Ok(0) | Err(_) => return Sniffed::Gone,
+                Ok(_) => {}
+            }
+        }
+    };
+    // A client that trickles its head (slowloris) is cut off like hyper would.
+    tokio::time::timeout(timeout, read_head)
+        .await
+        .unwrap_or(Sniffed::Gone)
+}
+
+enum Parsed {
+    Events(Box<Request<()>>),
+    Other,
+    Partial,
+}
+
+fn parse_head(bytes: &[u8], peer: std::net::SocketAddr) -> Parsed {
+    if bytes.is_empty() {
+        return Parsed::Partial;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut head = httparse::Request::new(&mut headers);
+    match head.parse(bytes) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Other,
+    }
+    let is_events = head.method == Some("GET")
+        && head.version == Some(1)
+        && head
+            .path
+            .is_some_and(|p| p.split('?').next() == Some("/events"));
+    if !is_events {
+        return Parsed::Other;
+    }
+    let mut builder = Request::builder()
+        .method(http::Method::GET)
+        .uri(head.path.unwrap_or("/events"))
+        .version(Version::HTTP_11);
+    for header in head.headers.iter() {
+        builder = builder.header(header.name, header.value);
+    }
+    match builder.extension(Peer(peer)).body(()) {
+        Ok(request) => Parsed::Events(Box::new(request)),
+        // Header bytes `http` refuses: hyper gives the proper error.
+        Err(_) => Parsed::Other,
+    }
+}
+
+/// Serves one `GET /events` on the connection, then closes it.
+pub(crate) async fn serve(
+    mut stream: TcpStream,
+    request: Request<()>,
+    endpoint: Arc<EventsEndpoint>,
+) {
+    // Boxed so the routing future's state does not stay in this task for the stream's life.
+    let response = match Box::pin(super::route_public(endpoint, request)).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let (parts, body) = response.into_parts();
+    let result = match body {
+        Either::Right(events) => {
+            let head = encode_head(&parts, Framing::Chunked);
+            match stream.write_all(&head).await {
+                Ok(()) => pump(&mut stream, events).await,
+                Err(e) => Err(e),
+            }
+        }
+        Either::Left(full) => {
+            let body = match http_body_util::BodyExt::collect(full).await {
+                Ok(collected) => collected.to_bytes(),
+                Err(never) => match never {},
+            };
+            let mut head = encode_head(&parts, Framing::Length(body.len()));
+            head.extend_from_slice(&body);
+            stream.write_all(&head).await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "stream connection ended with an error");
+    }
+    let _ = stream.shutdown().await;
+}
+
+/// How the response body is delimited.
+enum Framing {
+    Chunked,
+    /// A fixed body, after which the connection closes.
+    Length(usize),
+}
+
+fn encode_head(parts: &http::response::Parts, framing: Framing) -> Vec<u8> {
+    let mut head = Vec::with_capacity(256);
+    let reason = parts.status.canonical_reason().unwrap_or("");
+    head.extend_from_slice(format!("HTTP/1.1 {} {reason}\r\n", parts.status.as_u16()).as_bytes());
+    for (name, value) in &parts.headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n"),
+        Framing::Length(length) => head.extend_from_slice(
+            format!("content-length: {length}\r\nconnection: close\r\n\r\n").as_bytes(),
+        ),
+    }
+    head
+}
+
+/// Copies the stream's frames into the socket as HTTP/1.1 chunks until the stream ends (then
+/// writes the last chunk) or the client goes away.
+async fn pump<B>(stream: &mut TcpStream, mut events: B) -> io::Result<()>
+where
+    B: Body<Data = Bytes, Error = std::convert::Infallible> + Unpin,
+{
+    let mut out = Outgoing::default();
+    poll_fn(|cx| pump_once(cx, stream, &mut events, &mut out)).await
+}
+
+/// Buffers handed to the socket but not yet written: shared frame buffers, never copied.
+#[derive(Default)]
+struct Outgoing {
+    pieces: VecDeque<Bytes>,
+    /// The last chunk has been queued: once written, the response is complete.
+    ending: bool,
+}
+
+impl Outgoing {
+    /// Queues `frames` as one chunk.
+    fn push_chunk(&mut self, frames: Vec<Bytes>) {
+        let length: usize = frames.iter().map(Bytes::len).sum();
+        self.pieces
+            .push_back(Bytes::from(format!("{length:x}\r\n")));
+        self.pieces.extend(frames);
+        self.pieces.push_back(Bytes::from_static(b"\r\n"));
+    }
+
+    fn advance(&mut self, mut written: usize) {
+        while written > 0 {
+            let Some(front) = self.pieces.front_mut() else {
+                return;
+            };
+            if written >= front.len() {
+                written -= front.len();
+                self.pieces.pop_front();
+            } else {
+                front.advance(written);
+                written = 0;
+            }
+        }
+    }
+}
+
+fn pump_once<B>(
+    cx: &mut Context<'_>,
+    stream: &mut TcpStream,
+    events: &mut B,
+    out: &mut Outgoing,
+) -> Poll<io::Result<()>>
+where
+    B: Body<Data = Bytes, Error = std::convert::Infallible> + Unpin,
+{
+    loop {
+        if client_gone(cx, stream) {
+            return Poll::Ready(Ok(()));
+        }
+        if !out.pieces.is_empty() {
+            let slices: Vec<IoSlice<'_>> = out
+                .pieces
+                .iter()
+                .take(3 * MAX_FRAMES_PER_CHUNK)
+                .map(|piece| IoSlice::new(piece))
+                .collect();
+            match Pin::new(&mut *stream).poll_write_vectored(cx, &slices) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(written)) => {
+                    out.advance(written);
+                    continue;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                // Backpressure: read no more frames until the socket drains.
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if out.ending {
+            return Poll::Ready(Ok(()));
+        }
+        let mut frames = Vec::new();
+        while frames.len() < MAX_FRAMES_PER_CHUNK {
+            match Pin::new(&mut *events).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        frames.push(data);
+                    }
+                }
+                Poll::Ready(Some(Err(never))) => match never {},
+                Poll::Ready(None) => {
+                    out.ending = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        let gathered = !frames.is_empty();
+        if gathered {
+            out.push_chunk(frames);
+        }
+        if out.ending {
+            out.pieces.push_back(Bytes::from_static(b"0\r\n\r\n"));
+        } else if !gathered {
+            return Poll::Pending;
+        }
+    }
+}
+
+/// Whether the client closed its side (or the connection failed). Bytes it sends are
+/// discarded: a stream takes no further requests.
+fn client_gone(cx: &mut Context<'_>, stream: &mut TcpStream) -> bool {
+    let mut scratch = [0u8; 64];
+    loop {
+        let mut buf = ReadBuf::new(&mut scratch);
+        match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => return true,
+            Poll::Ready(Ok(())) => continue,
+            Poll::Ready(Err(_)) => return true,
+            Poll::Pending => return false,
+        }
+    }
+}
+
+/// A connection whose first bytes were already read: replays them, then reads on.
+pub(crate) struct Rewind<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    pub(crate) fn new(prefix: Bytes, inner: T) -> Rewind<T> {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], 1))
+    }
+
+    #[test]
+    fn only_http11_get_events_takes_the_fast_path() {
+        let events = b"GET /events?channel=a HTTP/1.1\r\nHost: x\r\nLast-Event-ID: e-1\r\n\r\n";
+        match parse_head(events, peer()) {
+            Parsed::Events(request) => {
+                assert_eq!(request.uri().query(), Some("channel=a"));
+                assert_eq!(request.headers()["last-event-id"], "e-1");
+                assert!(request.extensions().get::<Peer>().is_some());
+            }
+            _ => panic!("expected the fast path"),
+        }
+        for other in [
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            b"POST /events HTTP/1.1\r\n\r\n",
+            b"GET /events HTTP/1.0\r\n\r\n",
+            b"OPTIONS /events HTTP/1.1\r\n\r\n",
+            b"GET /eventsX HTTP/1.1\r\n\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"\x16\x03\x01garbage",
+        ] {
+            assert!(
+                matches!(parse_head(other, peer()), Parsed::Other),
+                "{other:?}"
+            );
+        }
+        assert!(matches!(
+            parse_head(b"GET /events HTTP/1.1\r\nHost", peer()),
+            Parsed::Partial
+        ));
+    }
+
+    #[test]
+    fn partial_writes_resume_inside_a_piece() {
+        let mut out = Outgoing::default();
+        out.push_chunk(vec![Bytes::from_static(b"abc"), Bytes::from_static(b"de")]);
+        let total: usize = out.pieces.iter().map(Bytes::len).sum();
+        assert_eq!(total, "5\r\n".len() + 5 + 2);
+        out.advance(4);
+        assert_eq!(out.pieces.front().map(|b| b.as_ref()), Some(&b"bc"[..]));
+        out.advance(total - 4);
+        assert!(out.pieces.is_empty());
+    }
+}
