@@ -162,6 +162,8 @@ pub async fn run(
 
     let (hub, subscribe_requests) = hub::Hub::new(&settings);
     let stop = CancellationToken::new();
+    // Tells open streams to send their final `retry:` and end; sent once, when draining starts.
+    let (drain, draining) = tokio::sync::watch::channel(());
     let upstream = tokio::spawn(upstream::run(
         redis,
         hub.clone(),
@@ -179,7 +181,7 @@ pub async fn run(
         ),
         admission: http::Admission::new(&settings.limits),
         settings: settings.clone(),
-        shutdown: stop.clone(),
+        draining: draining.clone(),
     });
     let mut public_options = public_options;
     public_options.fast_events = Some(events.clone());
@@ -216,6 +218,7 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutdown requested: ending streams");
     stop.cancel();
+    drain.send_replace(());
     let _ = public_server.await;
     let _ = upstream.await;
     admin_stop.cancel();

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderMap, Request, Response, StatusCode};
-use tokio_util::sync::CancellationToken;
 
 use super::stream::{EventStream, StreamStart};
 use super::{ApiError, ResponseBody};
@@ -32,7 +31,8 @@ pub(crate) struct EventsEndpoint {
     pub(crate) cors: super::cors::Cors,
     pub(crate) admission: super::Admission,
     pub(crate) settings: Arc<Settings>,
-    pub(crate) shutdown: CancellationToken,
+    /// Signalled once when draining starts; each stream watches a clone.
+    pub(crate) draining: tokio::sync::watch::Receiver<()>,
 }
 
 /// A parsed and validated `/events` query.
@@ -85,7 +85,7 @@ impl EventsEndpoint {
             expires_at: access.expires_at,
             admitted,
         };
-        let stream = EventStream::open(self.hub.clone(), lease, start, self.shutdown.clone());
+        let stream = EventStream::open(self.hub.clone(), lease, start, self.draining.clone());
         let mut response = Response::new(ResponseBody::Right(stream));
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

@@ -15,10 +15,10 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body::{Body, Frame};
+use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{Stream, StreamMap};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::admission::Admitted;
 use crate::hub::{EntryKind, Hub, Lease};
@@ -45,11 +45,14 @@ pub(crate) struct EventStream {
     pending: VecDeque<Outgoing>,
     /// Fires when any leased channel changes.
     wake: StreamMap<usize, WatchStream<()>>,
+    /// Fires when a heartbeat may be due; see `last_write`.
     heartbeat: Pin<Box<Sleep>>,
     heartbeat_every: Duration,
+    /// When frames were last queued. The heartbeat timer is not reset per event (a timer-wheel
+    /// operation per delivery); when it fires early it is re-armed from here instead.
+    last_write: Instant,
     /// `(retry_ms, jitter)` for the final `retry:` at shutdown.
     shutdown_retry: (u64, u64),
-    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     /// When the token that opened the stream expires; the stream ends then.
     expiry: Option<Pin<Box<Sleep>>>,
     /// Set when the gateway decided to end the stream; hyper then ends the body cleanly.
@@ -82,6 +85,9 @@ struct ReadSummary {
     expired: bool,
 }
 
+/// Key of the drain signal in the wake-up map (channels use their index).
+const DRAIN_KEY: usize = usize::MAX;
+
 /// What a new stream starts from.
 pub(crate) struct StreamStart<'a> {
     /// The client's resume id, if it sent a non-empty one.
@@ -105,13 +111,16 @@ impl EventStream {
         hub: Arc<Hub>,
         lease: Lease,
         start: StreamStart<'_>,
-        shutdown: CancellationToken,
+        draining: watch::Receiver<()>,
     ) -> EventStream {
         // Watch before reading, so a change between the read and the first poll still wakes us.
         let mut wake = StreamMap::new();
         for (index, receiver) in lease.watchers().into_iter().enumerate() {
             wake.insert(index, WatchStream::from_changes(receiver));
         }
+        // Shutdown arrives through the same wake-up map, so polls check no shared state. The
+        // receiver is a clone of one never marked seen: a drain that already began fires at once.
+        wake.insert(DRAIN_KEY, WatchStream::from_changes(draining));
         let head = hub.head();
         let resumed = start
             .resume_from
@@ -125,8 +134,8 @@ impl EventStream {
             wake,
             heartbeat: Box::pin(tokio::time::sleep(start.heartbeat)),
             heartbeat_every: start.heartbeat,
+            last_write: Instant::now(),
             shutdown_retry: (start.retry_ms, start.shutdown_retry_jitter_ms),
-            shutdown: Box::pin(shutdown.cancelled_owned()),
             expiry: start
                 .expires_at
                 .map(|at| Box::pin(tokio::time::sleep(until(at)))),
@@ -199,9 +208,14 @@ impl EventStream {
         summary
     }
 
-    fn restart_heartbeat(&mut self) {
-        let next = Instant::now() + self.heartbeat_every;
-        self.heartbeat.as_mut().reset(next);
+    /// Ends the stream for shutdown, after a spread-out final `retry:` so a fleet's clients do
+    /// not all come back at the same moment.
+    fn begin_drain(&mut self) {
+        let (retry_ms, jitter_ms) = self.shutdown_retry;
+        let retry = retry_ms + rand::random_range(0..=jitter_ms);
+        let frame = Bytes::from(format!("retry: {retry}\n\n"));
+        self.pending.push_back(Outgoing::control(frame));
+        self.finished = Some(CloseReason::Shutdown);
     }
 }
 
@@ -250,15 +264,6 @@ impl Body for EventStream {
             if this.finished.is_some() {
                 return Poll::Ready(None);
             }
-            if this.shutdown.as_mut().poll(cx).is_ready() {
-                // A spread-out reconnection delay, so a fleet's clients do not come back at once.
-                let (retry_ms, jitter_ms) = this.shutdown_retry;
-                let retry = retry_ms + rand::random_range(0..=jitter_ms);
-                let frame = Bytes::from(format!("retry: {retry}\n\n"));
-                this.pending.push_back(Outgoing::control(frame));
-                this.finished = Some(CloseReason::Shutdown);
-                continue;
-            }
             if let Some(expiry) = this.expiry.as_mut() {
                 if expiry.as_mut().poll(cx).is_ready() {
                     this.finished = Some(CloseReason::TokenExpired);
@@ -266,10 +271,14 @@ impl Body for EventStream {
                 }
             }
             match Pin::new(&mut this.wake).poll_next(cx) {
+                Poll::Ready(Some((DRAIN_KEY, ()))) => {
+                    this.begin_drain();
+                    continue;
+                }
                 Poll::Ready(Some(_)) => {
                     this.read_new_entries();
                     if !this.pending.is_empty() {
-                        this.restart_heartbeat();
+                        this.last_write = Instant::now();
                     }
                     continue;
                 }
@@ -281,9 +290,15 @@ impl Body for EventStream {
                 Poll::Pending => {}
             }
             if this.heartbeat.as_mut().poll(cx).is_ready() {
-                this.restart_heartbeat();
-                let heartbeat = Bytes::from_static(sse::HEARTBEAT);
-                this.pending.push_back(Outgoing::control(heartbeat));
+                let now = Instant::now();
+                let due = this.last_write + this.heartbeat_every;
+                if now >= due {
+                    let heartbeat = Bytes::from_static(sse::HEARTBEAT);
+                    this.pending.push_back(Outgoing::control(heartbeat));
+                    this.last_write = now;
+                }
+                let next = this.last_write + this.heartbeat_every;
+                this.heartbeat.as_mut().reset(next);
                 continue;
             }
             return Poll::Pending;
