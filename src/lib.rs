@@ -7,7 +7,11 @@
 //! - [`upstream`]: the task that owns the Redis subscription connection and its reconnects.
 //! - [`hub`]: every served channel with its ring (live fan-out buffer and resume history).
 //! - [`sse`]: the wire encoding (events, resets, heartbeats, ids).
-//! - `http`: the public `/events` listener, the admin listener, graceful shutdown.
+//! - `http`: the public `/events` listener (an HTTP/1.1 fast path that writes SSE chunks straight
+//!   to the socket, hyper for everything else: HTTP/2, TLS, other routes), the admin listener,
+//!   CORS, admission limits, graceful shutdown.
+//! - [`auth`]: JWT verification and channel grants.
+//! - [`metrics`]: every Prometheus series, named in one place.
 //!
 //! Data flows one way: Redis → upstream → hub (sequence, encode once, append) → each stream
 //! reads from the rings at its own cursor → socket.
