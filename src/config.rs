@@ -106,6 +106,9 @@ pub struct ServerSettings {
     pub shutdown_retry_jitter_ms: u64,
     /// Serve the demo page at `/`.
     pub demo_page: bool,
+    /// Threads running connections: `0` = one per CPU core the process may use. With one, the
+    /// runtime is single-threaded (no work-stealing queues or cross-thread wake-ups).
+    pub worker_threads: usize,
     /// Origins (exact `scheme://host[:port]`) allowed to read streams cross-origin; `*` = any.
     pub cors_origins: Vec<String>,
     /// Whether cross-origin requests may carry credentials (cookies).
@@ -322,6 +325,7 @@ impl Default for ServerSettings {
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
             shutdown_retry_jitter_ms: DEFAULT_SHUTDOWN_RETRY_JITTER_MS,
             demo_page: true,
+            worker_threads: 0,
             cors_origins: Vec::new(),
             cors_credentials: false,
             tls: None,

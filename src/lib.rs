@@ -72,15 +72,30 @@ impl Listeners {
     /// Binds the addresses from `settings`.
     pub async fn bind(settings: &Settings) -> Result<Listeners, StartError> {
         let bind = |key: &'static str, addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { key, addr, source })
+            listen(addr).map_err(|source| StartError::Bind { key, addr, source })
         };
         Ok(Listeners {
             public: bind("server.listen", settings.server.listen).await?,
             admin: bind("admin.listen", settings.admin.listen).await?,
         })
     }
+}
+
+/// Pending connections the kernel queues before `accept`; capped by `net.core.somaxconn`. A
+/// fleet of clients reconnecting at once (an instance restart behind a load balancer) overflows
+/// the default of 1,024, and every overflowed SYN costs its client a retransmission second.
+const LISTEN_BACKLOG: u32 = 16_384;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std and tokio do: a restarted gateway can bind while old connections sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Entry points for fuzzing request handling without a network (`fuzz/`). Not a stable API.

@@ -98,9 +98,25 @@ fn healthcheck(settings: &Settings) -> ExitCode {
     }
 }
 
+/// A single-threaded runtime when one thread is all the process gets: pinned to one core, a
+/// multi-threaded runtime only adds work-stealing queues and cross-thread wake-ups.
+fn runtime_builder(worker_threads: usize) -> tokio::runtime::Builder {
+    let threads = match worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    }
+}
+
 fn run(settings: Settings) -> ExitCode {
     init_logging(&settings);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = match runtime_builder(settings.server.worker_threads)
         .enable_all()
         .build()
     {

@@ -62,6 +62,64 @@ impl fmt::Display for EventId<'_> {
     }
 }
 
+/// An SSE frame stored inside its HTTP/1.1 chunk (`<hex length>\r\n<frame>\r\n`).
+///
+/// An event is encoded once and sent to every HTTP/1.1 stream as this one shared buffer, so each
+/// delivery is a single `send` of bytes already in place; HTTP/2 and TLS connections take the
+/// bare frame, a slice of the same buffer.
+#[derive(Clone, Debug)]
+pub struct WireFrame {
+    chunk: Bytes,
+    /// Where the SSE frame starts inside `chunk` (after the chunk-size line).
+    frame_start: usize,
+}
+
+/// The heartbeat as a ready HTTP/1.1 chunk (`3` is `HEARTBEAT.len()` in hex).
+const HEARTBEAT_CHUNK: &[u8] = b"3\r\n:\n\n\r\n";
+
+impl WireFrame {
+    /// Wraps an encoded SSE frame.
+    pub fn new(frame: &[u8]) -> WireFrame {
+        let size_line = format!("{:x}\r\n", frame.len());
+        let mut chunk = BytesMut::with_capacity(size_line.len() + frame.len() + 2);
+        chunk.put_slice(size_line.as_bytes());
+        chunk.put_slice(frame);
+        chunk.put_slice(b"\r\n");
+        WireFrame {
+            chunk: chunk.freeze(),
+            frame_start: size_line.len(),
+        }
+    }
+
+    /// The heartbeat comment, without allocating.
+    pub fn heartbeat() -> WireFrame {
+        WireFrame {
+            chunk: Bytes::from_static(HEARTBEAT_CHUNK),
+            frame_start: HEARTBEAT_CHUNK.len() - HEARTBEAT.len() - 2,
+        }
+    }
+
+    /// The bare SSE frame (shares the buffer).
+    pub fn frame(&self) -> Bytes {
+        self.chunk.slice(self.frame_start..self.chunk.len() - 2)
+    }
+
+    /// Length of the bare SSE frame.
+    pub fn frame_len(&self) -> usize {
+        self.chunk.len() - self.frame_start - 2
+    }
+
+    /// The frame as one complete HTTP/1.1 chunk.
+    pub fn http1_chunk(&self) -> &Bytes {
+        &self.chunk
+    }
+
+    /// Like [`WireFrame::http1_chunk`], without touching the reference count.
+    pub fn into_http1_chunk(self) -> Bytes {
+        self.chunk
+    }
+}
+
 /// Encodes one event: `id:`, optional `event:`, then the payload as `data:` lines.
 pub fn encode_event(id: EventId<'_>, event_type: Option<&str>, data: &str) -> Bytes {
     let mut out = BytesMut::with_capacity(data.len() + 64);
@@ -269,5 +327,27 @@ mod tests {
             String::from_utf8_lossy(&out),
             "id: e-3\nevent: gateway.reset\ndata: {\"reason\":\"history_expired\",\"channels\":[\"a\",\"b\\\"c\"]}\n\n"
         );
+    }
+
+    #[test]
+    fn wire_frame_is_the_frame_inside_one_http1_chunk() {
+        let frame = encode_event(epoch().id(12), Some("t"), &"x".repeat(300));
+        let wire = WireFrame::new(&frame);
+        assert_eq!(wire.frame(), frame);
+        assert_eq!(wire.frame_len(), frame.len());
+        let expected = format!(
+            "{:x}\r\n{}\r\n",
+            frame.len(),
+            String::from_utf8_lossy(&frame)
+        );
+        assert_eq!(wire.http1_chunk().as_ref(), expected.as_bytes());
+    }
+
+    #[test]
+    fn heartbeat_wire_frame_matches_a_built_one() {
+        let built = WireFrame::new(HEARTBEAT);
+        let fixed = WireFrame::heartbeat();
+        assert_eq!(fixed.http1_chunk(), built.http1_chunk());
+        assert_eq!(fixed.frame(), Bytes::from_static(HEARTBEAT));
     }
 }

@@ -14,25 +14,28 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Request, Version};
-use http_body::Body;
 use http_body_util::Either;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::stream::EventStream;
 use super::{EventsEndpoint, Peer};
 
 /// Most request headers the fast path parses; more goes to hyper.
 const MAX_HEADERS: usize = 64;
 /// First read size for the request head; grows up to `limits.max_header_bytes`.
 const INITIAL_HEAD_BUFFER: usize = 1024;
-/// Most frames gathered into one chunk (one vectored write).
-const MAX_FRAMES_PER_CHUNK: usize = 64;
+/// Most chunks queued for one vectored write.
+const MAX_CHUNKS_PER_WRITE: usize = 64;
 
 /// What the start of a connection turned out to be.
 pub(crate) enum Sniffed {
@@ -177,123 +180,183 @@ fn encode_head(parts: &http::response::Parts, framing: Framing) -> Vec<u8> {
     head
 }
 
-/// Copies the stream's frames into the socket as HTTP/1.1 chunks until the stream ends (then
+/// Writes the stream's frames into the socket as HTTP/1.1 chunks until the stream ends (then
 /// writes the last chunk) or the client goes away.
-async fn pump<B>(stream: &mut TcpStream, mut events: B) -> io::Result<()>
-where
-    B: Body<Data = Bytes, Error = std::convert::Infallible> + Unpin,
-{
+async fn pump(stream: &mut TcpStream, mut events: EventStream) -> io::Result<()> {
     let mut out = Outgoing::default();
-    poll_fn(|cx| pump_once(cx, stream, &mut events, &mut out)).await
+    let mut client = ClientWatch::new();
+    poll_fn(|cx| pump_once(cx, stream, &mut events, &mut out, &mut client)).await
 }
 
-/// Buffers handed to the socket but not yet written: shared frame buffers, never copied.
+/// Chunks handed to the socket but not yet written: shared buffers, never copied.
 #[derive(Default)]
 struct Outgoing {
-    pieces: VecDeque<Bytes>,
+    chunks: VecDeque<Bytes>,
     /// The last chunk has been queued: once written, the response is complete.
     ending: bool,
 }
 
 impl Outgoing {
-    /// Queues `frames` as one chunk.
-    fn push_chunk(&mut self, frames: Vec<Bytes>) {
-        let length: usize = frames.iter().map(Bytes::len).sum();
-        self.pieces
-            .push_back(Bytes::from(format!("{length:x}\r\n")));
-        self.pieces.extend(frames);
-        self.pieces.push_back(Bytes::from_static(b"\r\n"));
-    }
-
     fn advance(&mut self, mut written: usize) {
         while written > 0 {
-            let Some(front) = self.pieces.front_mut() else {
+            let Some(front) = self.chunks.front_mut() else {
                 return;
             };
             if written >= front.len() {
                 written -= front.len();
-                self.pieces.pop_front();
+                self.chunks.pop_front();
             } else {
                 front.advance(written);
                 written = 0;
             }
         }
     }
+
+    /// Writes as much as the socket takes: one `send` for the usual single chunk, one
+    /// `sendmsg` when several are queued.
+    fn poll_write(&mut self, cx: &mut Context<'_>, stream: &TcpStream) -> Poll<io::Result<()>> {
+        while !self.chunks.is_empty() {
+            let written = ready!(poll_send(cx, stream, |socket| {
+                if let [single] = self.chunks.as_slices().0 {
+                    if self.chunks.len() == 1 {
+                        return socket.send(single);
+                    }
+                }
+                let slices: Vec<IoSlice<'_>> = self
+                    .chunks
+                    .iter()
+                    .take(MAX_CHUNKS_PER_WRITE)
+                    .map(|chunk| IoSlice::new(chunk))
+                    .collect();
+                socket.send_vectored(&slices)
+            }))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.advance(written);
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
-fn pump_once<B>(
+/// Sends on the socket when it is writable; `Pending` (waker registered) while it is full.
+/// `send` rather than `write`: the socket layer directly, without the file-write path.
+fn poll_send(
+    cx: &mut Context<'_>,
+    stream: &TcpStream,
+    mut send: impl FnMut(SockRef<'_>) -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(stream.poll_write_ready(cx))?;
+        match stream.try_io(Interest::WRITABLE, || send(SockRef::from(stream))) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            result => return Poll::Ready(result),
+        }
+    }
+}
+
+fn pump_once(
     cx: &mut Context<'_>,
     stream: &mut TcpStream,
-    events: &mut B,
+    events: &mut EventStream,
     out: &mut Outgoing,
-) -> Poll<io::Result<()>>
-where
-    B: Body<Data = Bytes, Error = std::convert::Infallible> + Unpin,
-{
+    client: &mut ClientWatch,
+) -> Poll<io::Result<()>> {
     loop {
-        if client_gone(cx, stream) {
+        if client.gone(cx, stream) {
             return Poll::Ready(Ok(()));
         }
-        if !out.pieces.is_empty() {
-            let slices: Vec<IoSlice<'_>> = out
-                .pieces
-                .iter()
-                .take(3 * MAX_FRAMES_PER_CHUNK)
-                .map(|piece| IoSlice::new(piece))
-                .collect();
-            match Pin::new(&mut *stream).poll_write_vectored(cx, &slices) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(written)) => {
-                    out.advance(written);
-                    continue;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                // Backpressure: read no more frames until the socket drains.
-                Poll::Pending => return Poll::Pending,
-            }
-        }
+        // Backpressure: while the socket is full, take no more frames from the stream.
+        ready!(out.poll_write(cx, stream))?;
         if out.ending {
             return Poll::Ready(Ok(()));
         }
-        let mut frames = Vec::new();
-        while frames.len() < MAX_FRAMES_PER_CHUNK {
-            match Pin::new(&mut *events).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        frames.push(data);
-                    }
-                }
-                Poll::Ready(Some(Err(never))) => match never {},
+        while out.chunks.len() < MAX_CHUNKS_PER_WRITE {
+            match events.poll_wire_frame(cx) {
+                Poll::Ready(Some(frame)) => out.chunks.push_back(frame.into_http1_chunk()),
                 Poll::Ready(None) => {
+                    out.chunks.push_back(Bytes::from_static(b"0\r\n\r\n"));
                     out.ending = true;
                     break;
                 }
                 Poll::Pending => break,
             }
         }
-        let gathered = !frames.is_empty();
-        if gathered {
-            out.push_chunk(frames);
-        }
-        if out.ending {
-            out.pieces.push_back(Bytes::from_static(b"0\r\n\r\n"));
-        } else if !gathered {
+        if out.chunks.is_empty() {
             return Poll::Pending;
         }
     }
 }
 
-/// Whether the client closed its side (or the connection failed). Bytes it sends are
-/// discarded: a stream takes no further requests.
-fn client_gone(cx: &mut Context<'_>, stream: &mut TcpStream) -> bool {
-    let mut scratch = [0u8; 64];
-    loop {
-        let mut buf = ReadBuf::new(&mut scratch);
-        match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
-            Poll::Ready(Ok(())) if buf.filled().is_empty() => return true,
-            Poll::Ready(Ok(())) => continue,
-            Poll::Ready(Err(_)) => return true,
-            Poll::Pending => return false,
+/// Notices when the client closes its side, without checking the socket on every wake-up.
+///
+/// Checking means polling for read readiness, which registers the task under the socket's lock.
+/// Instead the read side is registered once with a waker of our own that raises a flag and wakes
+/// the task; the socket is read only after that flag was raised.
+struct ClientWatch {
+    signal: Arc<ReadSignal>,
+    /// `signal` as a waker, for the read-readiness registration.
+    signal_waker: Waker,
+    /// The task waker last handed to `signal`, to skip re-registering an unchanged one.
+    task_waker: Option<Waker>,
+}
+
+/// Raised by the socket's read readiness; wakes the task that owns the connection.
+#[derive(Default)]
+struct ReadSignal {
+    readable: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for ReadSignal {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.readable.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl ClientWatch {
+    fn new() -> ClientWatch {
+        // Raised at the start: the first poll registers the read side.
+        let signal = Arc::new(ReadSignal {
+            readable: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        ClientWatch {
+            signal_waker: Waker::from(signal.clone()),
+            signal,
+            task_waker: None,
+        }
+    }
+
+    /// Whether the client closed its side (or the connection failed). Bytes it sends are
+    /// discarded: a stream takes no further requests.
+    fn gone(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> bool {
+        if !self
+            .task_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            self.signal.task.register(cx.waker());
+            self.task_waker = Some(cx.waker().clone());
+        }
+        if !self.signal.readable.swap(false, Ordering::Acquire) {
+            return false;
+        }
+        let mut signal_cx = Context::from_waker(&self.signal_waker);
+        let mut scratch = [0u8; 64];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut *stream).poll_read(&mut signal_cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return true,
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(_)) => return true,
+                Poll::Pending => return false,
+            }
         }
     }
 }
@@ -396,14 +459,15 @@ mod tests {
     }
 
     #[test]
-    fn partial_writes_resume_inside_a_piece() {
+    fn partial_writes_resume_inside_a_chunk() {
         let mut out = Outgoing::default();
-        out.push_chunk(vec![Bytes::from_static(b"abc"), Bytes::from_static(b"de")]);
-        let total: usize = out.pieces.iter().map(Bytes::len).sum();
-        assert_eq!(total, "5\r\n".len() + 5 + 2);
-        out.advance(4);
-        assert_eq!(out.pieces.front().map(|b| b.as_ref()), Some(&b"bc"[..]));
-        out.advance(total - 4);
-        assert!(out.pieces.is_empty());
+        out.chunks.push_back(Bytes::from_static(b"3\r\nabc\r\n"));
+        out.chunks.push_back(Bytes::from_static(b"2\r\nde\r\n"));
+        out.advance(3);
+        assert_eq!(out.chunks.front().map(|b| b.as_ref()), Some(&b"abc\r\n"[..]));
+        out.advance(5);
+        assert_eq!(out.chunks.front().map(|b| b.as_ref()), Some(&b"2\r\nde\r\n"[..]));
+        out.advance(7);
+        assert!(out.chunks.is_empty());
     }
 }

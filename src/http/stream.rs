@@ -23,7 +23,7 @@ use tokio_stream::{Stream, StreamMap};
 use super::admission::Admitted;
 use crate::hub::{EntryKind, Hub, Lease};
 use crate::metrics::{self, CloseReason};
-use crate::sse;
+use crate::sse::{self, WireFrame};
 
 /// Reasons carried by `gateway.reset`; part of the public contract.
 pub(crate) mod reset_reason {
@@ -61,19 +61,24 @@ pub(crate) struct EventStream {
     _admitted: Admitted,
 }
 
-/// A frame waiting to be handed to hyper.
+/// A frame waiting to be written.
 struct Outgoing {
-    bytes: Bytes,
+    frame: WireFrame,
     /// For events: when the message was read from Redis (fan-out latency).
     received_at: Option<Instant>,
 }
 
 impl Outgoing {
-    fn control(bytes: Bytes) -> Outgoing {
+    fn control(frame: WireFrame) -> Outgoing {
         Outgoing {
-            bytes,
+            frame,
             received_at: None,
         }
+    }
+
+    /// A gateway-made frame (preamble, reset, retry), wrapped for the wire.
+    fn encoded(bytes: &[u8]) -> Outgoing {
+        Outgoing::control(WireFrame::new(bytes))
     }
 }
 
@@ -148,11 +153,11 @@ impl EventStream {
         metrics::stream_opened();
         let position = stream.hub.epoch().id(cursor);
         let preamble = sse::encode_preamble(start.retry_ms, position);
-        stream.pending.push_back(Outgoing::control(preamble));
+        stream.pending.push_back(Outgoing::encoded(&preamble));
         if let Some(None) = resumed {
             let names: Vec<&str> = stream.lease.names().collect();
             let reset = sse::encode_reset(position, reset_reason::UNKNOWN_POSITION, &names);
-            stream.pending.push_back(Outgoing::control(reset));
+            stream.pending.push_back(Outgoing::encoded(&reset));
             metrics::reset_sent(reset_reason::UNKNOWN_POSITION);
             metrics::resumed(reset_reason::UNKNOWN_POSITION, 0);
         } else {
@@ -169,28 +174,29 @@ impl EventStream {
         let batch = self.hub.read(&self.lease, self.cursor);
         let epoch = self.hub.epoch();
         let mut summary = ReadSummary::default();
-        let mut items = batch.items.iter().peekable();
+        // Consumed, so each event's frame moves into `pending` without another reference count.
+        let mut items = batch.items.into_iter().peekable();
         while let Some((channel, entry)) = items.next() {
-            match &entry.kind {
+            match entry.kind {
                 EntryKind::Event { frame, received_at } => {
                     summary.events += 1;
                     self.pending.push_back(Outgoing {
-                        bytes: frame.clone(),
-                        received_at: Some(*received_at),
+                        frame,
+                        received_at: Some(received_at),
                     });
                 }
                 EntryKind::Gap => {
                     // One reconnect puts a gap at the same position in every channel it hit:
                     // report them together.
-                    let mut names = vec![self.lease.name(*channel)];
+                    let mut names = vec![self.lease.name(channel)];
                     while let Some((other, _)) = items.next_if(|(_, next)| {
                         next.seq == entry.seq && matches!(next.kind, EntryKind::Gap)
                     }) {
-                        names.push(self.lease.name(*other));
+                        names.push(self.lease.name(other));
                     }
                     let id = epoch.id(entry.seq);
                     let reset = sse::encode_reset(id, reset_reason::UPSTREAM_INTERRUPTED, &names);
-                    self.pending.push_back(Outgoing::control(reset));
+                    self.pending.push_back(Outgoing::encoded(&reset));
                     metrics::reset_sent(reset_reason::UPSTREAM_INTERRUPTED);
                     summary.interrupted = true;
                 }
@@ -200,7 +206,7 @@ impl EventStream {
             let names: Vec<&str> = batch.fell_off.iter().map(|i| self.lease.name(*i)).collect();
             let id = epoch.id(batch.limit);
             let reset = sse::encode_reset(id, reset_reason::HISTORY_EXPIRED, &names);
-            self.pending.push_back(Outgoing::control(reset));
+            self.pending.push_back(Outgoing::encoded(&reset));
             metrics::reset_sent(reset_reason::HISTORY_EXPIRED);
             summary.expired = true;
         }
@@ -213,8 +219,8 @@ impl EventStream {
     fn begin_drain(&mut self) {
         let (retry_ms, jitter_ms) = self.shutdown_retry;
         let retry = retry_ms + rand::random_range(0..=jitter_ms);
-        let frame = Bytes::from(format!("retry: {retry}\n\n"));
-        self.pending.push_back(Outgoing::control(frame));
+        let frame = format!("retry: {retry}\n\n");
+        self.pending.push_back(Outgoing::encoded(frame.as_bytes()));
         self.finished = Some(CloseReason::Shutdown);
     }
 }
@@ -252,14 +258,23 @@ impl Body for EventStream {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let this = self.get_mut();
+        self.get_mut()
+            .poll_wire_frame(cx)
+            .map(|frame| frame.map(|frame| Ok(Frame::data(frame.frame()))))
+    }
+}
+
+impl EventStream {
+    /// The next frame to write, or `None` when the stream has ended. Pending until one is due.
+    pub(crate) fn poll_wire_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<WireFrame>> {
+        let this = self;
         loop {
-            if let Some(frame) = this.pending.pop_front() {
-                metrics::bytes_sent(frame.bytes.len());
-                if let Some(received_at) = frame.received_at {
+            if let Some(outgoing) = this.pending.pop_front() {
+                metrics::bytes_sent(outgoing.frame.frame_len());
+                if let Some(received_at) = outgoing.received_at {
                     metrics::event_delivered(received_at, Instant::now());
                 }
-                return Poll::Ready(Some(Ok(Frame::data(frame.bytes))));
+                return Poll::Ready(Some(outgoing.frame));
             }
             if this.finished.is_some() {
                 return Poll::Ready(None);
@@ -293,8 +308,8 @@ impl Body for EventStream {
                 let now = Instant::now();
                 let due = this.last_write + this.heartbeat_every;
                 if now >= due {
-                    let heartbeat = Bytes::from_static(sse::HEARTBEAT);
-                    this.pending.push_back(Outgoing::control(heartbeat));
+                    this.pending
+                        .push_back(Outgoing::control(WireFrame::heartbeat()));
                     this.last_write = now;
                 }
                 let next = this.last_write + this.heartbeat_every;

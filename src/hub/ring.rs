@@ -7,8 +7,9 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::time::Instant;
+
+use crate::sse::WireFrame;
 
 /// One position in a channel's history.
 #[derive(Clone, Debug)]
@@ -26,8 +27,8 @@ pub(crate) struct Entry {
 pub(crate) enum EntryKind {
     /// A published message, already SSE-encoded with its id; shared by every reader.
     Event {
-        /// The complete SSE frame.
-        frame: Bytes,
+        /// The complete SSE frame, inside its HTTP/1.1 chunk.
+        frame: WireFrame,
         /// When the upstream read the message from Redis (for latency accounting).
         received_at: Instant,
     },
@@ -38,7 +39,7 @@ pub(crate) enum EntryKind {
 impl EntryKind {
     fn byte_len(&self) -> usize {
         match self {
-            EntryKind::Event { frame, .. } => frame.len(),
+            EntryKind::Event { frame, .. } => frame.http1_chunk().len(),
             EntryKind::Gap => 0,
         }
     }
@@ -154,7 +155,7 @@ mod tests {
         Entry {
             seq,
             kind: EntryKind::Event {
-                frame: Bytes::from(format!("frame {seq}")),
+                frame: WireFrame::new(format!("frame {seq}").as_bytes()),
                 received_at: at,
             },
             appended_at: at,
@@ -197,7 +198,8 @@ mod tests {
         assert_eq!(ring.len(), 3);
         assert_eq!(seqs(&ring, 2, 100), Ok(vec![3, 4, 5]));
         assert_eq!(seqs(&ring, 1, 100), Err(FellOff));
-        assert_eq!(ring.bytes(), "frame 3".len() * 3);
+        let held = WireFrame::new(b"frame 3").http1_chunk().len();
+        assert_eq!(ring.bytes(), held * 3);
     }
 
     #[test]
