@@ -181,8 +181,8 @@ pub async fn run(
 
     let (hub, subscribe_requests) = hub::Hub::new(&settings);
     let stop = CancellationToken::new();
-    // Tells open streams to send their final `retry:` and end; sent once, when draining starts.
-    let (drain, draining) = tokio::sync::watch::channel(());
+    // Tells open streams to send their final `retry:` and end; started once, at shutdown.
+    let drain = Arc::new(hub::Drain::default());
     let upstream = tokio::spawn(upstream::run(
         redis,
         hub.clone(),
@@ -200,7 +200,7 @@ pub async fn run(
         ),
         admission: http::Admission::new(&settings.limits),
         settings: settings.clone(),
-        draining: draining.clone(),
+        drain: drain.clone(),
     });
     let mut public_options = public_options;
     public_options.fast_events = Some(events.clone());
@@ -237,7 +237,7 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutdown requested: ending streams");
     stop.cancel();
-    drain.send_replace(());
+    drain.start();
     let _ = public_server.await;
     let _ = upstream.await;
     admin_stop.cancel();

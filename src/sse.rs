@@ -188,6 +188,11 @@ pub fn event_type_of(payload: &str, field: &str) -> Option<String> {
     if !payload.trim_start().starts_with('{') {
         return None;
     }
+    // A key decodes to `field` only if `field` appears verbatim or the payload uses escapes;
+    // payloads with neither (most, in a fleet that sends no types) skip the JSON parse.
+    if !payload.contains(field) && !payload.contains('\\') {
+        return None;
+    }
     let mut deserializer = serde_json::Deserializer::from_str(payload);
     let found = TypeField(field).deserialize(&mut deserializer).ok()?;
     deserializer.end().ok()?;
@@ -290,6 +295,14 @@ mod tests {
         assert_eq!(event_type_of(payload, "kind"), None);
         let out = encode_event(epoch().id(1), Some("OrderPlaced"), payload);
         assert!(out.starts_with(b"id: e-1\nevent: OrderPlaced\ndata: {"));
+    }
+
+    #[test]
+    fn event_type_key_spelled_with_escapes_still_counts() {
+        // The shortcut that skips parsing payloads without the field name must not skip this.
+        let payload = r#"{"\u0074ype":"Escaped","p":"x"}"#;
+        assert_eq!(event_type_of(payload, "type").as_deref(), Some("Escaped"));
+        assert_eq!(event_type_of(r#"{"s":1,"p":"no field"}"#, "type"), None);
     }
 
     #[test]

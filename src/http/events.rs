@@ -31,8 +31,8 @@ pub(crate) struct EventsEndpoint {
     pub(crate) cors: super::cors::Cors,
     pub(crate) admission: super::Admission,
     pub(crate) settings: Arc<Settings>,
-    /// Signalled once when draining starts; each stream watches a clone.
-    pub(crate) draining: tokio::sync::watch::Receiver<()>,
+    /// Started once when draining begins; every stream watches it.
+    pub(crate) drain: Arc<crate::hub::Drain>,
 }
 
 /// A parsed and validated `/events` query.
@@ -85,7 +85,7 @@ impl EventsEndpoint {
             expires_at: access.expires_at,
             admitted,
         };
-        let stream = EventStream::open(self.hub.clone(), lease, start, self.draining.clone());
+        let stream = EventStream::open(self.hub.clone(), lease, start, self.drain.clone());
         let mut response = Response::new(ResponseBody::Right(stream));
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

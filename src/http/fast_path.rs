@@ -464,9 +464,15 @@ mod tests {
         out.chunks.push_back(Bytes::from_static(b"3\r\nabc\r\n"));
         out.chunks.push_back(Bytes::from_static(b"2\r\nde\r\n"));
         out.advance(3);
-        assert_eq!(out.chunks.front().map(|b| b.as_ref()), Some(&b"abc\r\n"[..]));
+        assert_eq!(
+            out.chunks.front().map(|b| b.as_ref()),
+            Some(&b"abc\r\n"[..])
+        );
         out.advance(5);
-        assert_eq!(out.chunks.front().map(|b| b.as_ref()), Some(&b"2\r\nde\r\n"[..]));
+        assert_eq!(
+            out.chunks.front().map(|b| b.as_ref()),
+            Some(&b"2\r\nde\r\n"[..])
+        );
         out.advance(7);
         assert!(out.chunks.is_empty());
     }

@@ -15,13 +15,10 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body::{Body, Frame};
-use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
-use tokio_stream::wrappers::WatchStream;
-use tokio_stream::{Stream, StreamMap};
 
 use super::admission::Admitted;
-use crate::hub::{EntryKind, Hub, Lease};
+use crate::hub::{Drain, EntryKind, Hub, Lease, Registration};
 use crate::metrics::{self, CloseReason};
 use crate::sse::{self, WireFrame};
 
@@ -43,8 +40,11 @@ pub(crate) struct EventStream {
     cursor: u64,
     /// Frames read but not yet handed to hyper.
     pending: VecDeque<Outgoing>,
-    /// Fires when any leased channel changes.
-    wake: StreamMap<usize, WatchStream<()>>,
+    /// This stream's entries in its channels' wake-up lists, one per leased channel.
+    listening: Vec<Registration>,
+    /// The gateway's drain signal, and this stream's entry in its wake-up list.
+    drain: Arc<Drain>,
+    drain_registration: Registration,
     /// Fires when a heartbeat may be due; see `last_write`.
     heartbeat: Pin<Box<Sleep>>,
     heartbeat_every: Duration,
@@ -90,9 +90,6 @@ struct ReadSummary {
     expired: bool,
 }
 
-/// Key of the drain signal in the wake-up map (channels use their index).
-const DRAIN_KEY: usize = usize::MAX;
-
 /// What a new stream starts from.
 pub(crate) struct StreamStart<'a> {
     /// The client's resume id, if it sent a non-empty one.
@@ -116,16 +113,10 @@ impl EventStream {
         hub: Arc<Hub>,
         lease: Lease,
         start: StreamStart<'_>,
-        draining: watch::Receiver<()>,
+        drain: Arc<Drain>,
     ) -> EventStream {
-        // Watch before reading, so a change between the read and the first poll still wakes us.
-        let mut wake = StreamMap::new();
-        for (index, receiver) in lease.watchers().into_iter().enumerate() {
-            wake.insert(index, WatchStream::from_changes(receiver));
-        }
-        // Shutdown arrives through the same wake-up map, so polls check no shared state. The
-        // receiver is a clone of one never marked seen: a drain that already began fires at once.
-        wake.insert(DRAIN_KEY, WatchStream::from_changes(draining));
+        // The first poll registers for wake-ups and then reads again, so nothing appended
+        // between this read and that poll is missed.
         let head = hub.head();
         let resumed = start
             .resume_from
@@ -136,7 +127,9 @@ impl EventStream {
         };
         let mut stream = EventStream {
             pending: VecDeque::new(),
-            wake,
+            listening: (0..lease.len()).map(|_| Registration::default()).collect(),
+            drain,
+            drain_registration: Registration::default(),
             heartbeat: Box::pin(tokio::time::sleep(start.heartbeat)),
             heartbeat_every: start.heartbeat,
             last_write: Instant::now(),
@@ -171,6 +164,9 @@ impl EventStream {
 
     /// Moves everything after the cursor into `pending`, turning gaps and fall-offs into resets.
     fn read_new_entries(&mut self) -> ReadSummary {
+        if self.hub.head() <= self.cursor {
+            return ReadSummary::default();
+        }
         let batch = self.hub.read(&self.lease, self.cursor);
         let epoch = self.hub.epoch();
         let mut summary = ReadSummary::default();
@@ -246,6 +242,8 @@ fn until(at: SystemTime) -> Duration {
 
 impl Drop for EventStream {
     fn drop(&mut self) {
+        self.lease.stop_listening(&mut self.listening);
+        self.drain.deregister(&mut self.drain_registration);
         metrics::stream_closed(self.finished.unwrap_or(CloseReason::ClientGone));
     }
 }
@@ -285,24 +283,16 @@ impl EventStream {
                     continue;
                 }
             }
-            match Pin::new(&mut this.wake).poll_next(cx) {
-                Poll::Ready(Some((DRAIN_KEY, ()))) => {
-                    this.begin_drain();
-                    continue;
-                }
-                Poll::Ready(Some(_)) => {
-                    this.read_new_entries();
-                    if !this.pending.is_empty() {
-                        this.last_write = Instant::now();
-                    }
-                    continue;
-                }
-                // Every channel's sender is gone: only when the hub itself is being dropped.
-                Poll::Ready(None) => {
-                    this.finished = Some(CloseReason::Shutdown);
-                    continue;
-                }
-                Poll::Pending => {}
+            // Register before looking, so news that lands after the look wakes us.
+            if this.drain.check(&mut this.drain_registration, cx.waker()) {
+                this.begin_drain();
+                continue;
+            }
+            this.lease.listen(&mut this.listening, cx.waker());
+            this.read_new_entries();
+            if !this.pending.is_empty() {
+                this.last_write = Instant::now();
+                continue;
             }
             if this.heartbeat.as_mut().poll(cx).is_ready() {
                 let now = Instant::now();

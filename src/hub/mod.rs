@@ -9,10 +9,12 @@
 //! complete resume point for a stream over several channels.
 
 mod ring;
+mod wakers;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Waker;
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
@@ -24,6 +26,9 @@ use crate::sse::{self, Epoch};
 
 use ring::Ring;
 pub(crate) use ring::{Entry, EntryKind};
+pub use wakers::Drain;
+pub(crate) use wakers::Registration;
+use wakers::WakerSet;
 
 /// A request from the hub to the upstream task: subscribe to a newly wanted channel.
 #[derive(Debug)]
@@ -115,8 +120,10 @@ pub struct Channel {
     name: Arc<str>,
     generation: u64,
     state: RwLock<ChannelState>,
-    /// Bumped after every append or status change; streams hold receivers.
+    /// Bumped when the subscription is confirmed; new streams wait on it.
     changed: watch::Sender<()>,
+    /// Streams to wake when entries are appended.
+    readers: WakerSet,
 }
 
 #[derive(Debug)]
@@ -228,6 +235,7 @@ impl Hub {
                 last_drop_log: None,
             }),
             changed: watch::Sender::new(()),
+            readers: WakerSet::default(),
         })
     }
 
@@ -339,7 +347,7 @@ impl Hub {
         });
         drop(state);
         self.advance_head();
-        channel.changed.send_replace(());
+        channel.readers.wake_all();
         PublishOutcome::Appended { evicted }
     }
 
@@ -384,6 +392,7 @@ impl Hub {
         for channel in &restored {
             channel.state.write().status = Status::Subscribed;
             channel.changed.send_replace(());
+            channel.readers.wake_all();
         }
     }
 
@@ -471,12 +480,24 @@ impl Lease {
         self.channels.get(index).map_or("", |c| &c.name)
     }
 
-    /// Receivers that fire when any leased channel changes.
-    pub(crate) fn watchers(&self) -> Vec<watch::Receiver<()>> {
-        self.channels
-            .iter()
-            .map(|c| c.changed.subscribe())
-            .collect()
+    /// Number of leased channels.
+    pub(crate) fn len(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// Makes `waker` be woken at the next append to any leased channel; `registrations` holds
+    /// one entry per channel. Call before reading, so an append in between is not missed.
+    pub(crate) fn listen(&self, registrations: &mut [Registration], waker: &Waker) {
+        for (channel, registration) in self.channels.iter().zip(registrations) {
+            channel.readers.register(registration, waker);
+        }
+    }
+
+    /// Withdraws the registrations of a stream that ends.
+    pub(crate) fn stop_listening(&self, registrations: &mut [Registration]) {
+        for (channel, registration) in self.channels.iter().zip(registrations) {
+            channel.readers.deregister(registration);
+        }
     }
 
     fn all_subscribed(&self) -> bool {
