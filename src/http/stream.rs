@@ -48,8 +48,8 @@ pub(crate) struct EventStream {
     /// Fires when a heartbeat may be due; see `last_write`.
     heartbeat: Pin<Box<Sleep>>,
     heartbeat_every: Duration,
-    /// When frames were last queued. The heartbeat timer is not reset per event (a timer-wheel
-    /// operation per delivery); when it fires early it is re-armed from here instead.
+    /// When a frame was last handed out. The heartbeat timer is not reset per event (a
+    /// timer-wheel operation per delivery); when it fires early it is re-armed from here instead.
     last_write: Instant,
     /// `(retry_ms, jitter)` for the final `retry:` at shutdown.
     shutdown_retry: (u64, u64),
@@ -268,9 +268,12 @@ impl EventStream {
         let this = self;
         loop {
             if let Some(outgoing) = this.pending.pop_front() {
+                // One clock read per frame serves both the latency histogram and the heartbeat.
+                let now = Instant::now();
+                this.last_write = now;
                 metrics::bytes_sent(outgoing.frame.frame_len());
                 if let Some(received_at) = outgoing.received_at {
-                    metrics::event_delivered(received_at, Instant::now());
+                    metrics::event_delivered(received_at, now);
                 }
                 return Poll::Ready(Some(outgoing.frame));
             }
@@ -291,7 +294,6 @@ impl EventStream {
             this.lease.listen(&mut this.listening, cx.waker());
             this.read_new_entries();
             if !this.pending.is_empty() {
-                this.last_write = Instant::now();
                 continue;
             }
             if this.heartbeat.as_mut().poll(cx).is_ready() {
