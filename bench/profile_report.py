@@ -36,6 +36,7 @@ SITE_NOTES = [
     ("fast_path.rs", "ssehub's HTTP/1.1 fast path for `GET /events` (request head, connection state)"),
     ("http/events.rs", "ssehub's `/events` handler (parsed query, channel names)"),
     ("http/stream.rs", "ssehub's event stream (cursor, wake-ups, heartbeat timer)"),
+    ("hub/wakers.rs", "ssehub's wake-up lists (a slab entry per stream and channel)"),
     ("tokio-stream", "tokio-stream's watch wrapper (a boxed future per stream)"),
     ("sync/watch.rs", "tokio watch receiver"),
 ]
@@ -133,7 +134,11 @@ def cpu_section(prof: str) -> list[str]:
             "kernel": kernel,
             "user": 100.0 - kernel,
             "syscalls": children.get("do_syscall_64"),
-            "writev": children.get("do_writev") or children.get("vfs_write"),
+            # ssehub sends with send(2)/sendmsg(2), nginx with writev(2).
+            "writev": sum(
+                children.get(k) or 0.0 for k in ("do_writev", "vfs_write", "__sys_sendto", "__sys_sendmsg")
+            )
+            or None,
             "softirq": children.get("handle_softirqs"),
             "epoll": children.get("do_epoll_wait"),
             "us": us,
@@ -145,7 +150,7 @@ def cpu_section(prof: str) -> list[str]:
         "middle of a W1-, W2- and W4-like run (the load is the benchmark's; perf's own overhead "
         "raises the CPU figures a little, so the benchmark tables above are the reference). Shares "
         "are of the server's CPU samples; kernel rows overlap (the loopback receive work runs inside "
-        "the sender's `writev`). Since CPU-s per million events equals microseconds per event, the "
+        "the sender's system call). Since CPU-s per million events equals microseconds per event, the "
         "last rows split each event's cost into kernel and user space."
     )
     L.append("")
@@ -159,7 +164,7 @@ def cpu_section(prof: str) -> list[str]:
     row("user space (the server's own code and libraries)", "user")
     row("kernel", "kernel")
     row("  system calls (all)", "syscalls")
-    row("  `writev`/`write`: sending events", "writev")
+    row("  `send`/`sendmsg`/`writev`/`write`: sending events", "writev")
     row("  loopback receive processing (softirq), mostly inside the sends", "softirq")
     row("  `epoll_wait` (idle and wake-ups)", "epoll")
     L.append(
