@@ -21,6 +21,8 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// Default seconds between heartbeat comments on an idle stream.
 pub const DEFAULT_HEARTBEAT_SECS: u64 = 15;
+/// Upper bound on `server.worker_threads`: beyond it a typo, not a machine.
+pub const MAX_WORKER_THREADS: usize = 1024;
 /// Default reconnection delay sent to clients in `retry:`.
 pub const DEFAULT_RETRY_MS: u64 = 3000;
 /// Default JSON field that names the SSE event type.
@@ -106,8 +108,7 @@ pub struct ServerSettings {
     pub shutdown_retry_jitter_ms: u64,
     /// Serve the demo page at `/`.
     pub demo_page: bool,
-    /// Threads running connections: `0` = one per CPU core the process may use. With one, the
-    /// runtime is single-threaded (no work-stealing queues or cross-thread wake-ups).
+    /// Threads running connections: `0` = one per CPU core the process may use.
     pub worker_threads: usize,
     /// Origins (exact `scheme://host[:port]`) allowed to read streams cross-origin; `*` = any.
     pub cors_origins: Vec<String>,
@@ -474,6 +475,12 @@ impl Settings {
         }
         redis::Client::open(self.redis.url.as_str())
             .map_err(|e| invalid("redis.url", format!("not a valid Redis URL: {e}")))?;
+        if self.server.worker_threads > MAX_WORKER_THREADS {
+            return Err(invalid(
+                "server.worker_threads",
+                format!("must be at most {MAX_WORKER_THREADS} (0 = one per core)"),
+            ));
+        }
         positive("sse.heartbeat_secs", self.sse.heartbeat_secs)?;
         positive("history.capacity", self.history.capacity as u64)?;
         positive(
@@ -702,6 +709,7 @@ mod tests {
 
     #[test]
     fn invalid_values_are_rejected_by_key() {
+        assert!(error_of("[server]\nworker_threads = 5000", &[]).contains("server.worker_threads"));
         let err = error_of("[history]\ncapacity = \"lots\"\n", &[]);
         assert!(err.contains("capacity"), "{err}");
         let err = error_of("[server]\nlisten = \"nowhere\"\n", &[]);

@@ -5,8 +5,9 @@
 //! and an 8 KiB write buffer per connection for its whole life, which doubles the resident memory
 //! of an idle stream. This module therefore reads the request head itself (with `httparse`),
 //! and when it is an HTTP/1.1 `GET /events` it runs the same routing as hyper would, writes the
-//! response head, and then pumps the stream's frames straight into the socket as chunks, with
-//! vectored writes of the shared frame buffers (no copies). Anything else (other paths and
+//! response head, and then pumps the stream's frames straight into the socket. Every event is
+//! encoded once, as a complete HTTP/1.1 chunk shared by all streams, so a delivery is a single
+//! `send` of a buffer already in place (no copy, no per-client framing). Anything else (other paths and
 //! methods, HTTP/1.0, HTTP/2 prior knowledge, malformed or oversized heads) is handed to hyper
 //! together with the bytes already read, so behaviour there is hyper's.
 

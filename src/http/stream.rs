@@ -1,9 +1,12 @@
 //! The body of one SSE response: a cursor over the hub, woken when its channels change.
 //!
 //! The stream holds no queue of its own. When woken it reads everything after its cursor from
-//! the rings (already-encoded, shared frames), hands those frames to hyper, which writes them
-//! together, and moves the cursor to the head it read up to. Gaps and fall-offs become
-//! `gateway.reset` events, so a client never sees a silent hole.
+//! the rings (already-encoded, shared frames), hands those frames to the writer (the HTTP/1.1
+//! fast path, or hyper as a response body), and moves the cursor to the head it read up to.
+//! Gaps and fall-offs become `gateway.reset` events, so a client never sees a silent hole.
+//!
+//! Wake-ups come from the hub's wake-up lists (`hub::wakers`): before each look at the rings
+//! the stream makes sure it is registered on every channel it reads and on the drain signal.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;

@@ -2,8 +2,9 @@
 //!
 //! The hub is shared by the upstream task (the only writer: it assigns sequence numbers and
 //! appends) and the HTTP streams (readers: each holds a [`Lease`] on its channels and a cursor).
-//! There are no per-connection queues: a stream wakes when one of its channels changes and reads
-//! what it has not sent yet straight from the rings, so a slow client costs no memory.
+//! There are no per-connection queues: a stream wakes when one of its channels changes (through
+//! the channel's wake-up list, see `wakers`) and reads what it has not sent yet straight from the
+//! rings, so a slow client costs no memory.
 //!
 //! Positions are global: one counter orders the events of all channels, so a single id is a
 //! complete resume point for a stream over several channels.
