@@ -7,9 +7,9 @@
 //! and when it is an HTTP/1.1 `GET /events` it runs the same routing as hyper would, writes the
 //! response head, and then pumps the stream's frames straight into the socket. Every event is
 //! encoded once, as a complete HTTP/1.1 chunk shared by all streams, so a delivery is a single
-//! `send` of a buffer already in place (no copy, no per-client framing). Anything else (other paths and
-//! methods, HTTP/1.0, HTTP/2 prior knowledge, malformed or oversized heads) is handed to hyper
-//! together with the bytes already read, so behaviour there is hyper's.
+//! `send` of a buffer already in place (no copy, no per-client framing). Anything else (other
+//! paths and methods, HTTP/1.0, HTTP/2 prior knowledge, malformed or oversized heads) is handed
+//! to hyper together with the bytes already read, so behaviour there is hyper's.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -218,10 +218,8 @@ impl Outgoing {
     fn poll_write(&mut self, cx: &mut Context<'_>, stream: &TcpStream) -> Poll<io::Result<()>> {
         while !self.chunks.is_empty() {
             let written = ready!(poll_send(cx, stream, |socket| {
-                if let [single] = self.chunks.as_slices().0 {
-                    if self.chunks.len() == 1 {
-                        return socket.send(single);
-                    }
+                if let (1, Some(single)) = (self.chunks.len(), self.chunks.front()) {
+                    return socket.send(single);
                 }
                 let slices: Vec<IoSlice<'_>> = self
                     .chunks
