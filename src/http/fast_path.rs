@@ -134,6 +134,8 @@ pub(crate) async fn serve(
     let result = match body {
         Either::Right(events) => {
             let head = encode_head(&parts, Framing::Chunked);
+            // The response's header map would otherwise live as long as the stream.
+            drop(parts);
             match stream.write_all(&head).await {
                 Ok(()) => pump(&mut stream, events).await,
                 Err(e) => Err(e),

@@ -302,7 +302,9 @@ pub(crate) async fn serve<E, F, Fut>(
                     fast_path::Sniffed::Other(prefix) => {
                         let io = TokioIo::new(fast_path::Rewind::new(prefix, stream));
                         let connection = builder.serve_connection(io, service).into_owned();
-                        if let Err(e) = watcher.watch(connection).await {
+                        // Boxed: hyper's connection state is large, and inline it would size
+                        // the task of every fast-path stream too.
+                        if let Err(e) = Box::pin(watcher.watch(connection)).await {
                             tracing::debug!(error = %e, "connection ended with an error");
                         }
                     }
