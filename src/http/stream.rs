@@ -268,50 +268,64 @@ impl Body for EventStream {
 impl EventStream {
     /// The next frame to write, or `None` when the stream has ended. Pending until one is due.
     pub(crate) fn poll_wire_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<WireFrame>> {
-        let this = self;
         loop {
-            if let Some(outgoing) = this.pending.pop_front() {
-                // One clock read per frame serves both the latency histogram and the heartbeat.
-                let now = Instant::now();
-                this.last_write = now;
-                metrics::bytes_sent(outgoing.frame.frame_len());
-                if let Some(received_at) = outgoing.received_at {
-                    metrics::event_delivered(received_at, now);
-                }
-                return Poll::Ready(Some(outgoing.frame));
+            if let Some(frame) = self.next_pending() {
+                return Poll::Ready(Some(frame));
             }
-            if this.finished.is_some() {
+            if self.finished.is_some() {
                 return Poll::Ready(None);
             }
-            if let Some(expiry) = this.expiry.as_mut() {
-                if expiry.as_mut().poll(cx).is_ready() {
-                    this.finished = Some(CloseReason::TokenExpired);
-                    continue;
-                }
+            if self.token_expired(cx) {
+                self.finished = Some(CloseReason::TokenExpired);
+                continue;
             }
             // Register before looking, so news that lands after the look wakes us.
-            if this.drain.check(&mut this.drain_registration, cx.waker()) {
-                this.begin_drain();
+            if self.drain.check(&mut self.drain_registration, cx.waker()) {
+                self.begin_drain();
                 continue;
             }
-            this.lease.listen(&mut this.listening, cx.waker());
-            this.read_new_entries();
-            if !this.pending.is_empty() {
-                continue;
-            }
-            if this.heartbeat.as_mut().poll(cx).is_ready() {
-                let now = Instant::now();
-                let due = this.last_write + this.heartbeat_every;
-                if now >= due {
-                    this.pending
-                        .push_back(Outgoing::control(WireFrame::heartbeat()));
-                    this.last_write = now;
-                }
-                let next = this.last_write + this.heartbeat_every;
-                this.heartbeat.as_mut().reset(next);
+            self.lease.listen(&mut self.listening, cx.waker());
+            self.read_new_entries();
+            if !self.pending.is_empty() || self.heartbeat_fired(cx) {
                 continue;
             }
             return Poll::Pending;
         }
+    }
+
+    /// Hands out the oldest queued frame, accounting for it.
+    fn next_pending(&mut self) -> Option<WireFrame> {
+        let outgoing = self.pending.pop_front()?;
+        // One clock read per frame serves both the latency histogram and the heartbeat.
+        let now = Instant::now();
+        self.last_write = now;
+        metrics::bytes_sent(outgoing.frame.frame_len());
+        if let Some(received_at) = outgoing.received_at {
+            metrics::event_delivered(received_at, now);
+        }
+        Some(outgoing.frame)
+    }
+
+    fn token_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        self.expiry
+            .as_mut()
+            .is_some_and(|expiry| expiry.as_mut().poll(cx).is_ready())
+    }
+
+    /// Whether the heartbeat timer fired; if so it queued a heartbeat when one is due and was
+    /// re-armed (the caller polls again so the new deadline is registered).
+    fn heartbeat_fired(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.heartbeat.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= self.last_write + self.heartbeat_every {
+            self.pending
+                .push_back(Outgoing::control(WireFrame::heartbeat()));
+            self.last_write = now;
+        }
+        let next = self.last_write + self.heartbeat_every;
+        self.heartbeat.as_mut().reset(next);
+        true
     }
 }
