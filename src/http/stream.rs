@@ -21,7 +21,7 @@ use http_body::{Body, Frame};
 use tokio::time::{Instant, Sleep};
 
 use super::admission::Admitted;
-use crate::hub::{Drain, EntryKind, Hub, Lease, Registration};
+use crate::hub::{Drain, DrainWatch, EntryKind, Hub, Lease, Registration};
 use crate::metrics::{self, CloseReason};
 use crate::sse::{self, WireFrame};
 
@@ -47,7 +47,7 @@ pub(crate) struct EventStream {
     listening: Vec<Registration>,
     /// The gateway's drain signal, and this stream's entry in its wake-up list.
     drain: Arc<Drain>,
-    drain_registration: Registration,
+    drain_watch: DrainWatch,
     /// Fires when a heartbeat may be due; see `last_write`.
     heartbeat: Pin<Box<Sleep>>,
     heartbeat_every: Duration,
@@ -132,7 +132,7 @@ impl EventStream {
             pending: VecDeque::new(),
             listening: (0..lease.len()).map(|_| Registration::default()).collect(),
             drain,
-            drain_registration: Registration::default(),
+            drain_watch: DrainWatch::default(),
             heartbeat: Box::pin(tokio::time::sleep(start.heartbeat)),
             heartbeat_every: start.heartbeat,
             last_write: Instant::now(),
@@ -246,7 +246,7 @@ fn until(at: SystemTime) -> Duration {
 impl Drop for EventStream {
     fn drop(&mut self) {
         self.lease.stop_listening(&mut self.listening);
-        self.drain.deregister(&mut self.drain_registration);
+        self.drain.deregister(&mut self.drain_watch);
         metrics::stream_closed(self.finished.unwrap_or(CloseReason::ClientGone));
     }
 }
@@ -280,7 +280,7 @@ impl EventStream {
                 continue;
             }
             // Register before looking, so news that lands after the look wakes us.
-            if self.drain.check(&mut self.drain_registration, cx.waker()) {
+            if self.drain.check(&mut self.drain_watch, cx.waker()) {
                 self.begin_drain();
                 continue;
             }

@@ -28,6 +28,7 @@ use crate::sse::{self, Epoch};
 use ring::Ring;
 pub(crate) use ring::{Entry, EntryKind};
 pub use wakers::Drain;
+pub(crate) use wakers::DrainWatch;
 pub(crate) use wakers::Registration;
 use wakers::WakerSet;
 

@@ -102,17 +102,29 @@ impl Drain {
         self.wakers.wake_all();
     }
 
-    /// Whether draining has begun; registers `waker` first so that a start right after the check
-    /// still wakes it.
-    pub(crate) fn check(&self, registration: &mut Registration, waker: &Waker) -> bool {
-        self.wakers.register(registration, waker);
+    /// Whether draining has begun. The stream's task is registered first (only when it was not
+    /// yet, or its waker changed: every stream checks on every poll, and this set is shared by
+    /// all of them), so a start right after the check still wakes it.
+    pub(crate) fn check(&self, watch: &mut DrainWatch, waker: &Waker) -> bool {
+        if !watch.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            self.wakers.register(&mut watch.registration, waker);
+            watch.waker = Some(waker.clone());
+        }
         self.started.load(Ordering::SeqCst)
     }
 
     /// Forgets a stream that ends.
-    pub(crate) fn deregister(&self, registration: &mut Registration) {
-        self.wakers.deregister(registration);
+    pub(crate) fn deregister(&self, watch: &mut DrainWatch) {
+        self.wakers.deregister(&mut watch.registration);
     }
+}
+
+/// One stream's watch on the [`Drain`].
+#[derive(Debug, Default)]
+pub(crate) struct DrainWatch {
+    registration: Registration,
+    /// The waker registered, to skip the shared lock while it stays the same.
+    waker: Option<Waker>,
 }
 
 #[cfg(test)]
@@ -179,11 +191,13 @@ mod tests {
     fn drain_started_before_the_check_is_seen_and_after_it_wakes() {
         let drain = Drain::default();
         let (count, waker) = counting();
-        let mut registration = Registration::default();
-        assert!(!drain.check(&mut registration, &waker));
+        let mut watch = DrainWatch::default();
+        assert!(!drain.check(&mut watch, &waker));
+        assert!(!drain.check(&mut watch, &waker)); // same waker: registered once
+        assert_eq!(drain.wakers.len(), 1);
         drain.start();
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
-        let mut late = Registration::default();
+        let mut late = DrainWatch::default();
         assert!(drain.check(&mut late, &waker));
     }
 }
