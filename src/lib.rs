@@ -69,14 +69,15 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds the addresses from `settings`.
+    /// Binds the addresses from `settings`. Async although nothing is awaited: the sockets are
+    /// registered with the runtime's reactor, so this must run inside one.
     pub async fn bind(settings: &Settings) -> Result<Listeners, StartError> {
-        let bind = |key: &'static str, addr: SocketAddr| async move {
+        let bind = |key: &'static str, addr: SocketAddr| {
             listen(addr).map_err(|source| StartError::Bind { key, addr, source })
         };
         Ok(Listeners {
-            public: bind("server.listen", settings.server.listen).await?,
-            admin: bind("admin.listen", settings.admin.listen).await?,
+            public: bind("server.listen", settings.server.listen)?,
+            admin: bind("admin.listen", settings.admin.listen)?,
         })
     }
 }
