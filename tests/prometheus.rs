@@ -93,11 +93,17 @@ async fn prometheus_evaluates_every_dashboard_and_alert_expression_against_a_liv
     let scrapes_before = prometheus.scrapes().await?;
 
     // One-off events after the first scrape, so that their rates are non-zero.
+    let mut witness = gateway.subscribe("channel=p").await?;
+    witness.next_block().await?;
     let mut leaver = gateway.subscribe("channel=p").await?;
     leaver.next_event().await?;
     let last = leaver.last_event_id.clone().ok_or("no event id")?;
     drop(leaver); // closed: client_gone
     redis.publish("p", "missed").await?;
+    // The resume below must find "missed" in the ring (so it replays at least one event): wait
+    // until a live reader has it.
+    while witness.next_event().await?.data() != "missed" {}
+    drop(witness);
     let mut resumed = gateway
         .subscribe_with("channel=p", &[("Last-Event-ID", &last)])
         .await?; // resume: replayed
