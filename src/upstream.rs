@@ -93,12 +93,10 @@ async fn wait_before_reconnect(hub: &Hub, delay: Duration, shutdown: &Cancellati
     }
 }
 
-/// Frees idle channels, ages history and refreshes the history gauges. Returns freed channels.
+/// Frees idle channels and ages history. Returns the freed channels.
 fn sweep_hub(hub: &Hub) -> Vec<Arc<str>> {
     let sweep = hub.sweep(Instant::now());
     metrics::history_evicted(sweep.evicted);
-    metrics::history_size(sweep.history_events, sweep.history_bytes);
-    metrics::redis_channels(sweep.subscribed);
     sweep.freed
 }
 

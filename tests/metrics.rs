@@ -73,7 +73,7 @@ impl Scrape {
     }
 }
 
-/// Waits until `key` has `expected` (gauges refresh on a 1 s sweep; streams close asynchronously).
+/// Waits until `key` has `expected` (evictions run on a 1 s sweep; streams close asynchronously).
 async fn expect(admin: SocketAddr, key: &str, expected: f64) -> TestResult {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {

@@ -10,6 +10,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use super::{json_response, ResponseBody};
 use crate::hub::Hub;
+use crate::metrics;
 
 /// Health and readiness, for load balancers and orchestrators.
 #[derive(Debug)]
@@ -32,7 +33,13 @@ impl AdminEndpoint {
         let text = self
             .metrics
             .as_ref()
-            .map(PrometheusHandle::render)
+            .map(|handle| {
+                // These gauges visit every channel: measured per scrape, not on a timer.
+                let size = self.hub.measure();
+                metrics::history_size(size.events, size.bytes);
+                metrics::redis_channels(size.subscribed);
+                handle.render()
+            })
             .unwrap_or_default();
         let mut response = Response::new(Either::Left(Full::new(Bytes::from(text))));
         response.headers_mut().insert(

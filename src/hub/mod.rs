@@ -9,12 +9,13 @@
 //! Positions are global: one counter orders the events of all channels, so a single id is a
 //! complete resume point for a stream over several channels.
 
+mod deadlines;
 mod ring;
 mod wakers;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::Waker;
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use tokio::time::Instant;
 use crate::config::Settings;
 use crate::sse::{self, Epoch};
 
+use deadlines::Deadlines;
 use ring::Ring;
 pub(crate) use ring::{Entry, EntryKind};
 pub use wakers::Drain;
@@ -98,6 +100,12 @@ pub struct Hub {
     /// is visible in its ring.
     head: AtomicU64,
     channels: Mutex<HashMap<Arc<str>, Slot>>,
+    /// When channels whose readers all left are due to be freed (see `deadlines`). Locked
+    /// after `channels` is released, never while it is held.
+    lingering: Mutex<Deadlines<ChannelKey>>,
+    /// When the oldest history entry of channels will pass `max_age` (see `deadlines`). May be
+    /// locked while a channel's state is held, never the other way round.
+    expiries: Mutex<Deadlines<Weak<Channel>>>,
     /// Sends subscription requests to the upstream task; closed when the hub is dropped.
     subscribe_requests: mpsc::UnboundedSender<SubscribeRequest>,
     /// True while the Redis subscription connection is up; the upstream task is the writer.
@@ -114,6 +122,15 @@ struct Slot {
     leases: usize,
     /// When `leases` last dropped to zero; the channel is freed `linger` after that.
     idle_since: Option<Instant>,
+    /// Whether `Hub::lingering` holds a ticket for this slot.
+    linger_scheduled: bool,
+}
+
+/// Names one incarnation of a channel in the map.
+#[derive(Debug)]
+struct ChannelKey {
+    name: Arc<str>,
+    generation: u64,
 }
 
 /// One channel: its ring and the signal that wakes its readers.
@@ -134,6 +151,8 @@ struct ChannelState {
     status: Status,
     /// When a dropped payload on this channel was last logged (log rate limiting).
     last_drop_log: Option<Instant>,
+    /// Whether `Hub::expiries` holds a ticket for this channel.
+    expiry_scheduled: bool,
 }
 
 /// Where a channel's Redis subscription stands.
@@ -158,6 +177,8 @@ impl Hub {
             epoch: Epoch::random(),
             head: AtomicU64::new(0),
             channels: Mutex::new(HashMap::new()),
+            lingering: Mutex::new(Deadlines::default()),
+            expiries: Mutex::new(Deadlines::default()),
             subscribe_requests,
             upstream_up: watch::Sender::new(false),
             limits: HistoryLimits {
@@ -205,6 +226,7 @@ impl Hub {
                         channel,
                         leases: 0,
                         idle_since: None,
+                        linger_scheduled: false,
                     })
                 }
             };
@@ -235,6 +257,7 @@ impl Hub {
                 ring: Ring::new(0, self.limits.capacity, self.limits.max_age),
                 status: Status::Pending,
                 last_drop_log: None,
+                expiry_scheduled: false,
             }),
             changed: watch::Sender::new(()),
             readers: WakerSet::default(),
@@ -243,6 +266,7 @@ impl Hub {
 
     fn release(&self, channels: &[Arc<Channel>]) {
         let now = Instant::now();
+        let mut newly_idle = Vec::new();
         let mut map = self.channels.lock();
         for channel in channels {
             // A slot is only freed with no leases, so it is still this channel's; the check
@@ -254,7 +278,24 @@ impl Hub {
                 slot.leases = slot.leases.saturating_sub(1);
                 if slot.leases == 0 {
                     slot.idle_since = Some(now);
+                    // A slot that still has a ticket (idle before, leased again meanwhile) is
+                    // rescheduled from `idle_since` when that ticket comes due.
+                    if !slot.linger_scheduled {
+                        slot.linger_scheduled = true;
+                        newly_idle.push(ChannelKey {
+                            name: channel.name.clone(),
+                            generation: channel.generation,
+                        });
+                    }
                 }
+            }
+        }
+        drop(map);
+        // No due time (a linger too long to represent) means the channel is never freed.
+        if let Some(due) = now.checked_add(self.limits.linger) {
+            let mut lingering = self.lingering.lock();
+            for key in newly_idle {
+                lingering.schedule(due, key);
             }
         }
     }
@@ -311,6 +352,25 @@ impl Hub {
         seq
     }
 
+    /// Appends `entry` to a channel's ring, making sure the channel has an expiry ticket.
+    /// Returns how many entries were evicted to make room.
+    fn append(&self, channel: &Arc<Channel>, state: &mut ChannelState, entry: Entry) -> usize {
+        let evicted = state.ring.push(entry);
+        if !state.expiry_scheduled {
+            if let Some(due) = self.expiry_due(&state.ring) {
+                state.expiry_scheduled = true;
+                self.expiries.lock().schedule(due, Arc::downgrade(channel));
+            }
+        }
+        evicted
+    }
+
+    /// When the oldest entry of `ring` passes `max_age` (none when empty, or too far ahead to
+    /// represent).
+    fn expiry_due(&self, ring: &Ring) -> Option<Instant> {
+        ring.oldest_appended_at()?.checked_add(self.limits.max_age)
+    }
+
     /// Appends a Redis message to its channel's ring.
     pub fn publish(&self, name: &str, payload: &[u8], received_at: Instant) -> PublishOutcome {
         let Some(channel) = self.channels.lock().get(name).map(|s| s.channel.clone()) else {
@@ -342,11 +402,12 @@ impl Hub {
         let event_type = sse::event_type_of(text, &self.event_type_field);
         let frame = sse::encode_event(self.epoch.id(seq), event_type.as_deref(), text);
         let frame = sse::WireFrame::new(&frame);
-        let evicted = state.ring.push(Entry {
+        let entry = Entry {
             seq,
             kind: EntryKind::Event { frame, received_at },
             appended_at: received_at,
-        });
+        };
+        let evicted = self.append(&channel, &mut state, entry);
         drop(state);
         self.advance_head();
         channel.readers.wake_all();
@@ -376,11 +437,12 @@ impl Hub {
             match state.status {
                 Status::Pending => state.ring.start_at(seq),
                 Status::Interrupted => {
-                    state.ring.push(Entry {
+                    let gap = Entry {
                         seq,
                         kind: EntryKind::Gap,
                         appended_at: now,
-                    });
+                    };
+                    self.append(&channel, &mut state, gap);
                 }
                 Status::Subscribed => continue,
             }
@@ -425,41 +487,116 @@ impl Hub {
         crate::metrics::redis_up(up);
     }
 
-    /// Frees channels nobody has read for `linger`, evicts entries older than `max_age`, and
-    /// measures what is left.
+    /// Frees the channels nobody has read for `linger` and evicts history older than
+    /// `max_age`. Only channels with a due ticket are touched (see `deadlines`), so an idle
+    /// sweep costs nothing however many channels are held.
     pub fn sweep(&self, now: Instant) -> Sweep {
-        let linger = self.limits.linger;
-        let mut sweep = Sweep::default();
-        self.channels.lock().retain(|name, slot| {
-            let expired = slot
-                .idle_since
-                .is_some_and(|since| now.saturating_duration_since(since) >= linger);
-            if expired {
-                sweep.freed.push(name.clone());
-                return false;
+        Sweep {
+            freed: self.free_lingering(now),
+            evicted: self.evict_expired(now),
+        }
+    }
+
+    fn free_lingering(&self, now: Instant) -> Vec<Arc<str>> {
+        let due = self.lingering.lock().take_due(now);
+        if due.is_empty() {
+            return Vec::new();
+        }
+        let mut freed = Vec::new();
+        let mut still_idle = Vec::new();
+        let mut map = self.channels.lock();
+        for key in due {
+            let Some(slot) = map
+                .get_mut(&key.name)
+                .filter(|slot| slot.channel.generation == key.generation)
+            else {
+                continue;
+            };
+            slot.linger_scheduled = false;
+            if slot.leases > 0 {
+                continue;
             }
-            let mut state = slot.channel.state.write();
-            sweep.evicted += state.ring.evict_expired(now);
-            sweep.history_events += state.ring.len();
-            sweep.history_bytes += state.ring.bytes();
-            sweep.subscribed += usize::from(state.status == Status::Subscribed);
-            true
-        });
-        sweep
+            match slot
+                .idle_since
+                .and_then(|since| since.checked_add(self.limits.linger))
+            {
+                Some(free_at) if free_at <= now => {
+                    map.remove(&key.name);
+                    freed.push(key.name);
+                }
+                // Leased and left again since the ticket was made: wait from the last release.
+                Some(free_at) => {
+                    slot.linger_scheduled = true;
+                    still_idle.push((free_at, key));
+                }
+                None => {}
+            }
+        }
+        drop(map);
+        let mut lingering = self.lingering.lock();
+        for (free_at, key) in still_idle {
+            lingering.schedule(free_at, key);
+        }
+        freed
+    }
+
+    fn evict_expired(&self, now: Instant) -> usize {
+        let due = self.expiries.lock().take_due(now);
+        let mut evicted = 0;
+        let mut next = Vec::new();
+        for channel in due.iter().filter_map(Weak::upgrade) {
+            let mut state = channel.state.write();
+            evicted += state.ring.evict_expired(now);
+            state.expiry_scheduled = false;
+            if let Some(due) = self.expiry_due(&state.ring) {
+                state.expiry_scheduled = true;
+                next.push((due, Arc::downgrade(&channel)));
+            }
+        }
+        let mut expiries = self.expiries.lock();
+        for (due, channel) in next {
+            expiries.schedule(due, channel);
+        }
+        evicted
+    }
+
+    /// Sizes the history and counts live subscriptions. This visits every channel, so it is
+    /// done when metrics are scraped rather than on a timer.
+    pub fn measure(&self) -> HistorySize {
+        // Visit the channels outside the map lock, which every publish needs.
+        let channels: Vec<Arc<Channel>> = self
+            .channels
+            .lock()
+            .values()
+            .map(|slot| slot.channel.clone())
+            .collect();
+        let mut size = HistorySize::default();
+        for channel in channels {
+            let state = channel.state.read();
+            size.events += state.ring.len();
+            size.bytes += state.ring.bytes();
+            size.subscribed += usize::from(state.status == Status::Subscribed);
+        }
+        size
     }
 }
 
-/// What [`Hub::sweep`] did and found.
+/// What [`Hub::sweep`] did.
 #[derive(Debug, Default)]
 pub struct Sweep {
     /// Channels freed after their linger: to unsubscribe.
     pub freed: Vec<Arc<str>>,
     /// Entries evicted for age.
     pub evicted: usize,
-    /// Entries left in all rings.
-    pub history_events: usize,
-    /// Encoded bytes left in all rings.
-    pub history_bytes: usize,
+}
+
+/// What [`Hub::measure`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HistorySize {
+    /// Entries held in all rings.
+    pub events: usize,
+    /// Encoded bytes held in all rings.
+    pub bytes: usize,
     /// Channels whose subscription is confirmed and live.
     pub subscribed: usize,
 }
@@ -524,4 +661,111 @@ pub(crate) struct Batch {
     pub(crate) fell_off: Vec<usize>,
     /// The head this read covered: the stream's cursor after sending the batch.
     pub(crate) limit: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hub with the given history limits, in seconds.
+    fn hub(
+        max_age_secs: u64,
+        linger_secs: u64,
+    ) -> (Arc<Hub>, mpsc::UnboundedReceiver<SubscribeRequest>) {
+        let mut settings = Settings::default();
+        settings.history.max_age_secs = max_age_secs;
+        settings.history.linger_secs = linger_secs;
+        Hub::new(&settings)
+    }
+
+    /// Leases `name` and confirms its subscription, as the upstream task would.
+    fn subscribed(
+        hub: &Arc<Hub>,
+        requests: &mut mpsc::UnboundedReceiver<SubscribeRequest>,
+        name: &str,
+    ) -> Lease {
+        let lease = hub.acquire(&[name.to_string()]);
+        let mut confirmed = Vec::new();
+        while let Ok(request) = requests.try_recv() {
+            confirmed.push(request);
+        }
+        hub.mark_subscribed(&confirmed);
+        lease
+    }
+
+    fn publish(hub: &Hub, name: &str) {
+        let outcome = hub.publish(name, b"payload", Instant::now());
+        assert!(
+            matches!(outcome, PublishOutcome::Appended { .. }),
+            "{outcome:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_channel_is_freed_linger_after_its_last_reader_left() {
+        let (hub, mut requests) = hub(300, 10);
+        let first = subscribed(&hub, &mut requests, "orders");
+        drop(first);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        // Read again and left again: the linger counts from this second departure.
+        drop(hub.acquire(&["orders".to_string()]));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(hub.sweep(Instant::now()).freed.is_empty());
+        assert_eq!(hub.channel_count(), 1);
+        tokio::time::advance(Duration::from_secs(4)).await;
+        let freed = hub.sweep(Instant::now()).freed;
+        assert_eq!(freed, vec![Arc::<str>::from("orders")]);
+        assert_eq!(hub.channel_count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_channel_with_a_reader_is_never_freed() {
+        let (hub, mut requests) = hub(300, 10);
+        let reader = subscribed(&hub, &mut requests, "orders");
+        drop(hub.acquire(&["orders".to_string()]));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(hub.sweep(Instant::now()).freed.is_empty());
+        assert_eq!(hub.channel_count(), 1);
+        drop(reader);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn history_is_evicted_by_age_entry_by_entry() {
+        let (hub, mut requests) = hub(5, 300);
+        let _reader = subscribed(&hub, &mut requests, "orders");
+        publish(&hub, "orders");
+        tokio::time::advance(Duration::from_secs(3)).await;
+        publish(&hub, "orders");
+        publish(&hub, "orders");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            hub.sweep(Instant::now()).evicted,
+            0,
+            "nothing is older than 5 s yet"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(hub.sweep(Instant::now()).evicted, 1);
+        assert_eq!(hub.measure().events, 2);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(hub.sweep(Instant::now()).evicted, 2);
+        assert_eq!(hub.measure().events, 0);
+        // An emptied ring is scheduled again by its next append.
+        publish(&hub, "orders");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(hub.sweep(Instant::now()).evicted, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn measure_counts_every_channel() {
+        let (hub, mut requests) = hub(300, 300);
+        let _orders = subscribed(&hub, &mut requests, "orders");
+        let _users = subscribed(&hub, &mut requests, "users");
+        let _pending = hub.acquire(&["pending".to_string()]);
+        publish(&hub, "orders");
+        publish(&hub, "orders");
+        publish(&hub, "users");
+        let size = hub.measure();
+        assert_eq!((size.events, size.subscribed), (3, 2));
+        assert!(size.bytes > 3 * "payload".len());
+    }
 }

@@ -136,6 +136,11 @@ impl Ring {
         Ok(())
     }
 
+    /// When the oldest entry held was appended.
+    pub(crate) fn oldest_appended_at(&self) -> Option<Instant> {
+        self.entries.front().map(|oldest| oldest.appended_at)
+    }
+
     /// Number of entries held.
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
