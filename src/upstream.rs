@@ -10,13 +10,15 @@
 //! Reconnection is owned here on purpose: the redis crate's `PubSub` stream simply ends when the
 //! server goes away, and `ConnectionManager`'s resubscription gives up after a long outage.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use redis::aio::{PubSub, PubSubSink};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_stream::StreamExt;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RedisSettings;
@@ -27,6 +29,9 @@ use crate::metrics;
 const RESUBSCRIBE_CHUNK: usize = 1000;
 /// How often idle channels are freed and old history evicted.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Most messages delivered in one go before the session turns to its other duties (commands,
+/// pings, the sweep, shutdown) again.
+const DELIVERY_BURST: usize = 128;
 
 /// Runs until `shutdown` is cancelled.
 pub async fn run(
@@ -167,7 +172,18 @@ impl Session<'_> {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
                 message = messages.next() => match message {
-                    Some(message) => self.deliver(&message),
+                    Some(message) => {
+                        self.deliver(&message);
+                        // Deliver what has already arrived without a turn of the select per
+                        // message (each turn sets up every branch again).
+                        for _ in 1..DELIVERY_BURST {
+                            match ready_now(&mut messages) {
+                                Some(Some(message)) => self.deliver(&message),
+                                Some(None) => return lost("connection closed".to_string()),
+                                None => break,
+                            }
+                        }
+                    }
                     None => return lost("connection closed".to_string()),
                 },
                 Some(first) = self.requests.recv() => {
@@ -232,6 +248,17 @@ impl Session<'_> {
                 }
             }
         }
+    }
+}
+
+/// The stream's next item if it is ready now (`None` if it is not). Polling with a no-op waker
+/// loses no wake-up here: the select that follows polls the stream again with the task's waker
+/// before the task sleeps.
+fn ready_now<S: Stream + Unpin>(stream: &mut S) -> Option<Option<S::Item>> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match Pin::new(stream).poll_next(&mut cx) {
+        Poll::Ready(item) => Some(item),
+        Poll::Pending => None,
     }
 }
 
