@@ -5,9 +5,10 @@
 //! `data:` line. It does not decide *what* to send; the hub and the HTTP stream do that.
 
 use std::borrow::Cow;
-use std::fmt;
+use std::fmt::{self, Write as _};
+use std::io::Write as _;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 /// The event name of the frame that tells a client it cannot be resumed seamlessly.
@@ -77,17 +78,41 @@ pub struct WireFrame {
 /// The heartbeat as a ready HTTP/1.1 chunk (`3` is `HEARTBEAT.len()` in hex).
 const HEARTBEAT_CHUNK: &[u8] = b"3\r\n:\n\n\r\n";
 
+/// Room for the longest chunk-size line: 16 hex digits of a `usize`, then CRLF.
+const SIZE_LINE_ROOM: usize = 18;
+
 impl WireFrame {
     /// Wraps an encoded SSE frame.
     pub fn new(frame: &[u8]) -> WireFrame {
-        let size_line = format!("{:x}\r\n", frame.len());
-        let mut chunk = BytesMut::with_capacity(size_line.len() + frame.len() + 2);
-        chunk.put_slice(size_line.as_bytes());
-        chunk.put_slice(frame);
+        WireFrame::build(frame.len(), |out| out.put_slice(frame))
+    }
+
+    /// Encodes one event (see [`encode_event`]) straight into its chunk: one buffer, written
+    /// once, for every stream that will send it.
+    pub fn event(id: EventId<'_>, event_type: Option<&str>, data: &str) -> WireFrame {
+        WireFrame::build(data.len() + 64, |out| put_event(out, id, event_type, data))
+    }
+
+    /// Builds a chunk around the frame that `write` appends. The size line is only known once
+    /// the frame is written, so room for the longest one is left in front and the real one is
+    /// written right before the frame; the unused room is skipped without a copy.
+    fn build(frame_capacity: usize, write: impl FnOnce(&mut BytesMut)) -> WireFrame {
+        let mut chunk = BytesMut::with_capacity(SIZE_LINE_ROOM + frame_capacity + 2);
+        chunk.put_bytes(0, SIZE_LINE_ROOM);
+        write(&mut chunk);
+        let frame_len = chunk.len() - SIZE_LINE_ROOM;
         chunk.put_slice(b"\r\n");
+        let mut line = [0u8; SIZE_LINE_ROOM];
+        let mut cursor = &mut line[..];
+        // 16 hex digits and CRLF always fit in the room.
+        let _ = write!(cursor, "{frame_len:x}\r\n");
+        let line_len = SIZE_LINE_ROOM - cursor.len();
+        let start = SIZE_LINE_ROOM - line_len;
+        chunk[start..SIZE_LINE_ROOM].copy_from_slice(&line[..line_len]);
+        chunk.advance(start);
         WireFrame {
             chunk: chunk.freeze(),
-            frame_start: size_line.len(),
+            frame_start: line_len,
         }
     }
 
@@ -123,15 +148,20 @@ impl WireFrame {
 /// Encodes one event: `id:`, optional `event:`, then the payload as `data:` lines.
 pub fn encode_event(id: EventId<'_>, event_type: Option<&str>, data: &str) -> Bytes {
     let mut out = BytesMut::with_capacity(data.len() + 64);
-    put_field(&mut out, "id", &id.to_string());
+    put_event(&mut out, id, event_type, data);
+    out.freeze()
+}
+
+fn put_event(out: &mut BytesMut, id: EventId<'_>, event_type: Option<&str>, data: &str) {
+    // Writing into a `BytesMut` cannot fail.
+    let _ = writeln!(out, "id: {id}");
     if let Some(event_type) = event_type {
-        put_field(&mut out, "event", event_type);
+        put_field(out, "event", event_type);
     }
     for line in split_lines(data) {
-        put_field(&mut out, "data", line);
+        put_field(out, "data", line);
     }
     out.put_u8(b'\n');
-    out.freeze()
 }
 
 /// The first frame of every stream: the reconnection delay and the position the stream starts
@@ -354,6 +384,22 @@ mod tests {
             String::from_utf8_lossy(&frame)
         );
         assert_eq!(wire.http1_chunk().as_ref(), expected.as_bytes());
+    }
+
+    #[test]
+    fn event_wire_frame_is_the_encoded_event_in_its_chunk() {
+        // Payload lengths around the points where the chunk-size line gains a hex digit.
+        for len in [0, 1, 200, 230, 240, 4070, 4080, 70_000] {
+            let data = "y".repeat(len);
+            let encoded = encode_event(epoch().id(5), Some("t"), &data);
+            let wire = WireFrame::event(epoch().id(5), Some("t"), &data);
+            assert_eq!(wire.frame(), encoded, "payload of {len} bytes");
+            assert_eq!(
+                wire.http1_chunk(),
+                WireFrame::new(&encoded).http1_chunk(),
+                "payload of {len} bytes"
+            );
+        }
     }
 
     #[test]

@@ -400,8 +400,7 @@ impl Hub {
         };
         let seq = self.head.load(Ordering::Relaxed) + 1;
         let event_type = sse::event_type_of(text, &self.event_type_field);
-        let frame = sse::encode_event(self.epoch.id(seq), event_type.as_deref(), text);
-        let frame = sse::WireFrame::new(&frame);
+        let frame = sse::WireFrame::event(self.epoch.id(seq), event_type.as_deref(), text);
         let entry = Entry {
             seq,
             kind: EntryKind::Event { frame, received_at },
