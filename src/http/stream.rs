@@ -41,7 +41,7 @@ pub(crate) struct EventStream {
     lease: Lease,
     /// Everything up to this position has been sent (or did not concern this stream).
     cursor: u64,
-    /// Frames read but not yet handed to hyper.
+    /// Frames read but not yet handed to the writer.
     pending: VecDeque<Outgoing>,
     /// This stream's entries in its channels' wake-up lists, one per leased channel.
     listening: Vec<Registration>,
