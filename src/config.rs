@@ -46,8 +46,15 @@ pub const DEFAULT_AUTH_LEEWAY_SECS: u64 = 30;
 pub const DEFAULT_AUTH_COOKIE: &str = "ssehub_token";
 /// Default time a client gets to send its request headers.
 pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 10;
+/// Default time a connection without an open stream may stay silent.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
+/// Default time a stream's writes may stay blocked on a full socket before it is closed.
+pub const DEFAULT_WRITE_STALL_SECS: u64 = 60;
 /// Default largest request head.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Smallest accepted `limits.max_header_bytes`: hyper's HTTP/1.1 parser cannot work with a
+/// smaller read buffer (it panics inside the listener), so smaller values are refused at start-up.
+pub const MIN_MAX_HEADER_BYTES: usize = 8192;
 /// Default largest forwarded Redis payload.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 
@@ -110,6 +117,9 @@ pub struct ServerSettings {
     pub demo_page: bool,
     /// Threads running connections: `0` = one per CPU core the process may use.
     pub worker_threads: usize,
+    /// Serve plain-TCP HTTP/1.1 `GET /events` on the fast path (own head parser and socket
+    /// writer) instead of hyper. `false` is an escape hatch: every request then goes to hyper.
+    pub http1_fast_path: bool,
     /// Origins (exact `scheme://host[:port]`) allowed to read streams cross-origin; `*` = any.
     pub cors_origins: Vec<String>,
     /// Whether cross-origin requests may carry credentials (cookies).
@@ -233,6 +243,12 @@ pub struct LimitsSettings {
     pub max_payload_bytes: usize,
     /// New streams accepted per second (reconnect storms); more get `503`. `0` = no limit.
     pub max_new_connections_per_sec: u32,
+    /// Seconds a connection with no open stream may move no byte before it is closed
+    /// (HTTP/1.1 keep-alive, HTTP/2, TLS).
+    pub idle_timeout_secs: u64,
+    /// Seconds a connection's writes may find the socket full (a client that stopped reading)
+    /// before it is closed. `0` = never.
+    pub write_stall_secs: u64,
 }
 
 /// `[admin]`
@@ -327,6 +343,7 @@ impl Default for ServerSettings {
             shutdown_retry_jitter_ms: DEFAULT_SHUTDOWN_RETRY_JITTER_MS,
             demo_page: true,
             worker_threads: 0,
+            http1_fast_path: true,
             cors_origins: Vec::new(),
             cors_credentials: false,
             tls: None,
@@ -372,6 +389,8 @@ impl Default for LimitsSettings {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             max_new_connections_per_sec: 0,
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
+            write_stall_secs: DEFAULT_WRITE_STALL_SECS,
         }
     }
 }
@@ -555,12 +574,16 @@ impl Settings {
             "limits.header_read_timeout_secs",
             self.limits.header_read_timeout_secs,
         )?;
-        if self.limits.max_header_bytes < 1024 {
+        if self.limits.max_header_bytes < MIN_MAX_HEADER_BYTES {
             return Err(invalid(
                 "limits.max_header_bytes",
-                "must be at least 1024".to_string(),
+                format!(
+                    "must be at least {MIN_MAX_HEADER_BYTES} (got {})",
+                    self.limits.max_header_bytes
+                ),
             ));
         }
+        positive("limits.idle_timeout_secs", self.limits.idle_timeout_secs)?;
         positive(
             "limits.max_payload_bytes",
             self.limits.max_payload_bytes as u64,
@@ -720,6 +743,12 @@ mod tests {
         assert!(err.contains("redis.url"), "{err}");
         let err = error_of("[channels]\npublic = [\"bad pattern\"]\n", &[]);
         assert!(err.contains("channels.public"), "{err}");
+        for too_small in ["1024", "8191"] {
+            let env = [("SSEHUB__LIMITS__MAX_HEADER_BYTES", too_small)];
+            let err = error_of("", &env);
+            assert!(err.contains("limits.max_header_bytes"), "{err}");
+        }
+        assert!(load("[limits]\nmax_header_bytes = 8192\n", &[]).is_ok());
         let err = error_of("", &[("SSEHUB__SSE__RETRY_MS", "soon")]);
         assert!(err.contains("retry_ms"), "{err}");
     }

@@ -169,10 +169,8 @@ pub async fn run(
     let public = channels::PublicChannels::new(&settings.channels.public)
         .map_err(|e| invalid("channels.public", e))?;
     let authorizer = auth::Authorizer::new(public, &settings.auth)?;
-    let public_options =
-        http::ServeOptions::from_settings(&settings.limits, settings.server.tls.as_ref())?;
-    let admin_options =
-        http::ServeOptions::from_settings(&config::LimitsSettings::default(), None)?;
+    let public_options = http::ServeOptions::public(&settings)?;
+    let admin_options = http::ServeOptions::admin(&settings.limits);
 
     let metrics_handle = metrics::install();
     let upkeep = metrics_handle
@@ -204,7 +202,9 @@ pub async fn run(
         drain: drain.clone(),
     });
     let mut public_options = public_options;
-    public_options.fast_events = Some(events.clone());
+    if settings.server.http1_fast_path {
+        public_options.fast_events = Some(events.clone());
+    }
     let public_server = tokio::spawn(http::serve(
         listeners.public,
         events,

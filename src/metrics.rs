@@ -53,6 +53,12 @@ pub const HISTORY_EVICTED: &str = "ssehub_history_evicted_total";
 pub const PAYLOADS_DROPPED: &str = "ssehub_payloads_dropped_total";
 /// Constant 1, labelled with `version` and `commit`.
 pub const BUILD_INFO: &str = "ssehub_build_info";
+/// Open TCP connections, by listener (`public`, `admin`), whatever they carry.
+pub const TCP_CONNECTIONS: &str = "ssehub_tcp_connections";
+/// TCP connections closed at accept because a connection cap was reached, by listener and reason.
+pub const TCP_REFUSED: &str = "ssehub_tcp_connections_refused_total";
+/// TCP connections closed by their deadlines, by listener and reason.
+pub const TCP_EXPIRED: &str = "ssehub_tcp_connections_expired_total";
 
 /// Why a stream closed (`reason` label of [`CONNECTIONS_CLOSED`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,13 +69,16 @@ pub enum CloseReason {
     Shutdown,
     /// The token that opened the stream expired.
     TokenExpired,
+    /// The client stopped reading: nothing could be written for `limits.write_stall_secs`.
+    Stalled,
 }
 
 impl CloseReason {
-    const ALL: [CloseReason; 3] = [
+    const ALL: [CloseReason; 4] = [
         CloseReason::ClientGone,
         CloseReason::Shutdown,
         CloseReason::TokenExpired,
+        CloseReason::Stalled,
     ];
 
     fn label(self) -> &'static str {
@@ -77,6 +86,7 @@ impl CloseReason {
             CloseReason::ClientGone => "client_gone",
             CloseReason::Shutdown => "shutdown",
             CloseReason::TokenExpired => "token_expired",
+            CloseReason::Stalled => "stalled",
         }
     }
 }
@@ -95,7 +105,13 @@ pub const RESET_REASONS: [&str; 3] = [
     "upstream_interrupted",
 ];
 /// Statuses of [`REQUESTS_REJECTED`] the gateway can produce.
-pub const REJECTED_STATUSES: [u16; 7] = [400, 401, 403, 404, 405, 429, 503];
+pub const REJECTED_STATUSES: [u16; 8] = [400, 401, 403, 404, 405, 429, 431, 503];
+/// The listeners (`listener` label of the TCP connection series).
+pub const LISTENERS: [&str; 2] = ["public", "admin"];
+/// Reasons of [`TCP_REFUSED`]: the configuration key of the cap that refused.
+pub const REFUSAL_REASONS: [&str; 2] = ["max_connections", "max_connections_per_ip"];
+/// Reasons of [`TCP_EXPIRED`].
+pub const EXPIRY_REASONS: [&str; 3] = ["first_request_timeout", "idle", "stalled"];
 /// Reasons of [`PAYLOADS_DROPPED`].
 pub const DROP_REASONS: [&str; 2] = ["invalid_utf8", "too_large"];
 
@@ -181,6 +197,15 @@ fn describe_all() {
     describe_counter!(HISTORY_EVICTED, "Ring entries evicted by capacity or age.");
     describe_counter!(PAYLOADS_DROPPED, "Redis payloads not forwarded, by reason.");
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
+    describe_gauge!(TCP_CONNECTIONS, "Open TCP connections, by listener.");
+    describe_counter!(
+        TCP_REFUSED,
+        "TCP connections refused at accept by a connection cap, by listener and reason."
+    );
+    describe_counter!(
+        TCP_EXPIRED,
+        "TCP connections closed by a deadline (first request, idle, write stall)."
+    );
 }
 
 fn register_all() {
@@ -212,6 +237,15 @@ fn register_all() {
     counter!(HISTORY_EVICTED).absolute(0);
     for reason in DROP_REASONS {
         counter!(PAYLOADS_DROPPED, "reason" => reason).absolute(0);
+    }
+    for listener in LISTENERS {
+        gauge!(TCP_CONNECTIONS, "listener" => listener).set(0.0);
+        for reason in REFUSAL_REASONS {
+            counter!(TCP_REFUSED, "listener" => listener, "reason" => reason).absolute(0);
+        }
+        for reason in EXPIRY_REASONS {
+            counter!(TCP_EXPIRED, "listener" => listener, "reason" => reason).absolute(0);
+        }
     }
     gauge!(
         BUILD_INFO,
@@ -304,6 +338,26 @@ pub fn history_evicted(count: usize) {
     if count > 0 {
         counter!(HISTORY_EVICTED).increment(count as u64);
     }
+}
+
+/// A TCP connection was accepted and counted.
+pub fn tcp_connection_opened(listener: &'static str) {
+    gauge!(TCP_CONNECTIONS, "listener" => listener).increment(1.0);
+}
+
+/// A counted TCP connection closed.
+pub fn tcp_connection_closed(listener: &'static str) {
+    gauge!(TCP_CONNECTIONS, "listener" => listener).decrement(1.0);
+}
+
+/// A TCP connection was refused at accept.
+pub fn tcp_connection_refused(listener: &'static str, reason: &'static str) {
+    counter!(TCP_REFUSED, "listener" => listener, "reason" => reason).increment(1);
+}
+
+/// A TCP connection was closed by one of its deadlines.
+pub fn tcp_connection_expired(listener: &'static str, reason: &'static str) {
+    counter!(TCP_EXPIRED, "listener" => listener, "reason" => reason).increment(1);
 }
 
 /// A payload was not forwarded.

@@ -29,6 +29,11 @@ use crate::metrics;
 const RESUBSCRIBE_CHUNK: usize = 1000;
 /// How often idle channels are freed and old history evicted.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a connection must stay up before the reconnect backoff starts again from its
+/// initial delay. A Redis that cuts the gateway off right after every reconnect (client
+/// output-buffer limit, a flapping proxy) would otherwise be retried at the initial delay each
+/// time, and every brief success would send clients another `upstream_interrupted` reset.
+const STABLE_CONNECTION: Duration = Duration::from_secs(30);
 /// Most messages delivered in one go before the session turns to its other duties (commands,
 /// pings, the sweep, shutdown) again.
 const DELIVERY_BURST: usize = 128;
@@ -59,10 +64,13 @@ pub async fn run(
                     settings: &settings,
                     shutdown: &shutdown,
                 };
-                match session.run(pubsub, &mut backoff, connected_before).await {
+                match session.run(pubsub, connected_before).await {
                     SessionEnd::Shutdown => break,
-                    SessionEnd::Lost { was_up, reason } => {
-                        connected_before |= was_up;
+                    SessionEnd::Lost { up_for, reason } => {
+                        if let Some(up_for) = up_for {
+                            connected_before = true;
+                            backoff.session_ended(up_for);
+                        }
                         reason
                     }
                 }
@@ -109,8 +117,8 @@ fn sweep_hub(hub: &Hub) -> Vec<Arc<str>> {
 enum SessionEnd {
     Shutdown,
     Lost {
-        /// Whether the session got as far as restoring subscriptions.
-        was_up: bool,
+        /// How long the session was up, if it got as far as restoring subscriptions.
+        up_for: Option<Duration>,
         reason: String,
     },
 }
@@ -124,21 +132,16 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    async fn run(
-        &mut self,
-        pubsub: PubSub,
-        backoff: &mut Backoff,
-        connected_before: bool,
-    ) -> SessionEnd {
+    async fn run(&mut self, pubsub: PubSub, connected_before: bool) -> SessionEnd {
         let command_timeout = Duration::from_secs(self.settings.command_timeout_secs);
         let (mut sink, mut messages) = pubsub.split();
         if let Err(reason) = self.restore(&mut sink, command_timeout).await {
             return SessionEnd::Lost {
-                was_up: false,
+                up_for: None,
                 reason,
             };
         }
-        backoff.reset();
+        let up_since = Instant::now();
         if connected_before {
             metrics::redis_reconnected();
         }
@@ -165,7 +168,7 @@ impl Session<'_> {
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         let lost = |reason: String| SessionEnd::Lost {
-            was_up: true,
+            up_for: Some(up_since.elapsed()),
             reason,
         };
         loop {
@@ -353,8 +356,12 @@ impl Backoff {
         half + half.mul_f64(rand::random::<f64>())
     }
 
-    fn reset(&mut self) {
-        self.attempt = 0;
+    /// Starts again from the initial delay, but only after a connection that stayed up for
+    /// [`STABLE_CONNECTION`]: repeated brief successes keep the delay growing.
+    fn session_ended(&mut self, up_for: Duration) {
+        if up_for >= STABLE_CONNECTION {
+            self.attempt = 0;
+        }
     }
 }
 
@@ -374,7 +381,21 @@ mod tests {
                 "{delay:?} vs {ceiling:?}"
             );
         }
-        backoff.reset();
+        backoff.session_ended(STABLE_CONNECTION);
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn brief_sessions_do_not_reset_the_backoff() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
+        for _ in 0..4 {
+            backoff.next_delay();
+            // Cut off again right after each reconnect: the delay keeps growing.
+            backoff.session_ended(Duration::from_millis(200));
+        }
+        let delay = backoff.next_delay();
+        assert!(delay >= Duration::from_millis(500), "{delay:?}");
+        backoff.session_ended(STABLE_CONNECTION);
         assert!(backoff.next_delay() <= Duration::from_millis(100));
     }
 }

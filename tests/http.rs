@@ -130,11 +130,17 @@ fn bad_configuration_stops_start_up_naming_the_key() -> TestResult {
     let dir = std::env::temp_dir().join(format!("ssehub-http-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 4] = [
+    let cases: [Case; 5] = [
         ("[server]\nlisten = \"not an address\"\n", &[], "listen"),
         ("[history]\ncapacity = 0\n", &[], "history.capacity"),
         ("[sse]\nheartbeat = 3\n", &[], "heartbeat"),
         ("", &[("SSEHUB__REDIS__URL", "ftp://nowhere")], "redis.url"),
+        // Below hyper's minimum read buffer: refused at start-up, not a panic in the listener.
+        (
+            "[limits]\nmax_header_bytes = 4096\n",
+            &[],
+            "limits.max_header_bytes",
+        ),
     ];
     for (toml, env, key) in cases {
         let path = dir.join("config.toml");

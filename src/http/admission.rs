@@ -6,7 +6,6 @@
 //! nearest untrusted address in `X-Forwarded-For`, so clients cannot spoof their way around the
 //! per-address cap.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,11 +15,9 @@ use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use super::connection::{AddressCounts, AddressSlot};
 use super::ApiError;
 use crate::config::LimitsSettings;
-
-/// Open streams per client address.
-type PerAddressCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
 /// Decides whether a new stream may open.
 #[derive(Debug)]
@@ -28,7 +25,7 @@ pub(crate) struct Admission {
     /// `None` when `max_connections` is 0 (no cap).
     total: Option<Arc<Semaphore>>,
     per_ip_limit: usize,
-    per_ip: PerAddressCounts,
+    per_ip: AddressCounts,
     trusted_proxies: Vec<IpAddr>,
     /// `None` when `max_new_connections_per_sec` is 0 (no cap).
     rate: Option<Mutex<TokenBucket>>,
@@ -38,21 +35,7 @@ pub(crate) struct Admission {
 #[derive(Debug)]
 pub(crate) struct Admitted {
     _total: Option<OwnedSemaphorePermit>,
-    per_ip: Option<(PerAddressCounts, IpAddr)>,
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        if let Some((map, ip)) = self.per_ip.take() {
-            let mut map = map.lock();
-            if let Some(count) = map.get_mut(&ip) {
-                *count -= 1;
-                if *count == 0 {
-                    map.remove(&ip);
-                }
-            }
-        }
-    }
+    _per_ip: Option<AddressSlot>,
 }
 
 impl Admission {
@@ -62,8 +45,12 @@ impl Admission {
             total: (limits.max_connections > 0)
                 .then(|| Arc::new(Semaphore::new(limits.max_connections))),
             per_ip_limit: limits.max_connections_per_ip,
-            per_ip: Arc::default(),
-            trusted_proxies: limits.trusted_proxies.clone(),
+            per_ip: AddressCounts::default(),
+            trusted_proxies: limits
+                .trusted_proxies
+                .iter()
+                .map(IpAddr::to_canonical)
+                .collect(),
             rate: (rate > 0).then(|| Mutex::new(TokenBucket::new(f64::from(rate)))),
         }
     }
@@ -78,22 +65,20 @@ impl Admission {
         };
         let per_ip = if self.per_ip_limit > 0 {
             let client = self.client_address(peer, headers);
-            let mut map = self.per_ip.lock();
-            let count = map.entry(client).or_insert(0);
-            if *count >= self.per_ip_limit {
-                return Err(ApiError::TooManyRequests(
-                    "too many open streams from this address".to_string(),
-                ));
-            }
-            *count += 1;
-            Some((self.per_ip.clone(), client))
+            let slot = self
+                .per_ip
+                .try_take(client, self.per_ip_limit)
+                .ok_or_else(|| {
+                    ApiError::TooManyRequests("too many open streams from this address".to_string())
+                })?;
+            Some(slot)
         } else {
             None
         };
         // Build the guard first: if the rate check refuses, dropping it releases the slots.
         let admitted = Admitted {
             _total: total,
-            per_ip,
+            _per_ip: per_ip,
         };
         if let Some(bucket) = &self.rate {
             if !bucket.lock().take(Instant::now()) {
@@ -107,6 +92,7 @@ impl Admission {
 
     /// The client's address: the peer, or the nearest untrusted hop when the peer is a proxy.
     pub(crate) fn client_address(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let peer = peer.to_canonical();
         if !self.trusted_proxies.contains(&peer) {
             return peer;
         }
@@ -115,7 +101,7 @@ impl Admission {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|hop| hop.trim().parse().ok())
+            .filter_map(|hop| hop.trim().parse().ok().map(|ip: IpAddr| ip.to_canonical()))
             .collect();
         hops.into_iter()
             .rev()

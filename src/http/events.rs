@@ -63,10 +63,9 @@ impl EventsEndpoint {
                 Denied::Unauthenticated(message) => ApiError::Unauthorized(message),
                 Denied::Forbidden(message) => ApiError::Forbidden(message),
             })?;
-        let peer = request
-            .extensions()
-            .get::<super::Peer>()
-            .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |p| p.0.ip());
+        let peer = request.extensions().get::<super::Peer>();
+        let connection = peer.and_then(|p| p.activity.clone());
+        let peer = peer.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |p| p.addr.ip());
         let admitted = self.admission.admit(peer, request.headers())?;
         let resume_from = resume_id(request.headers(), query.last_event_id.as_deref());
 
@@ -84,6 +83,7 @@ impl EventsEndpoint {
             shutdown_retry_jitter_ms: self.settings.server.shutdown_retry_jitter_ms,
             expires_at: access.expires_at,
             admitted,
+            connection,
         };
         let stream = EventStream::open(self.hub.clone(), lease, start, self.drain.clone());
         let mut response = Response::new(ResponseBody::Right(stream));
@@ -134,11 +134,13 @@ pub(crate) fn parse_query(query: Option<&str>, max_channels: usize) -> Result<St
         last_event_id: None,
         token: None,
     };
+    // Names seen so far: a linear de-duplication, whatever the number of names sent.
+    let mut seen = std::collections::HashSet::new();
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match key.as_ref() {
             CHANNEL_PARAM => {
                 channels::validate_name(&value)?;
-                if !parsed.channels.iter().any(|c| *c == value) {
+                if seen.insert(value.clone()) {
                     parsed.channels.push(value.into_owned());
                 }
             }

@@ -12,7 +12,7 @@
 //! to hyper together with the bytes already read, so behaviour there is hyper's.
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,65 +29,72 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::stream::EventStream;
-use super::{EventsEndpoint, Peer};
+use super::{ApiError, EventsEndpoint, Peer};
 
-/// Most request headers the fast path parses; more goes to hyper.
-const MAX_HEADERS: usize = 64;
+/// Most request headers parsed, as in hyper; more is answered `431`.
+const MAX_HEADERS: usize = 100;
 /// First read size for the request head; grows up to `limits.max_header_bytes`.
 const INITIAL_HEAD_BUFFER: usize = 1024;
 /// Most chunks queued for one vectored write.
 const MAX_CHUNKS_PER_WRITE: usize = 64;
+/// What an HTTP/2 connection with prior knowledge starts with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// What the start of a connection turned out to be.
 pub(crate) enum Sniffed {
-    /// An HTTP/1.1 `GET /events`, parsed.
+    /// An HTTP/1.1 `GET /events`, parsed, for the fast path.
     Events(Box<Request<()>>),
-    /// Anything else: the bytes read so far, to be replayed to hyper.
+    /// Anything else well-formed (HTTP/2, other requests): the bytes read so far, to be
+    /// replayed to hyper.
     Other(Bytes),
-    /// The client closed or stalled before sending a complete head: drop the connection.
+    /// A head that is not HTTP or is too large: answered with this error, then closed.
+    Malformed(ApiError),
+    /// The client closed before sending a complete head: drop the connection.
     Gone,
 }
 
-/// Reads the request head (bounded in size and time) and decides who serves the connection.
-pub(crate) async fn sniff(
-    stream: &mut TcpStream,
+/// Reads the first request head (bounded in size; the caller bounds it in time) and decides who
+/// serves the connection. `fast_events` says whether `GET /events` may take the fast path.
+pub(crate) async fn sniff<S: AsyncRead + Unpin>(
+    stream: &mut S,
     peer: std::net::SocketAddr,
-    timeout: Duration,
     max_head: usize,
+    fast_events: bool,
 ) -> Sniffed {
     let mut buffer = BytesMut::with_capacity(INITIAL_HEAD_BUFFER);
-    let read_head = async {
-        loop {
-            match parse_head(&buffer, peer) {
-                Parsed::Events(request) => return Sniffed::Events(request),
-                Parsed::Other => return Sniffed::Other(buffer.split().freeze()),
-                Parsed::Partial if buffer.len() >= max_head => {
-                    // Let hyper answer `431` with its own reading of the rest.
-                    return Sniffed::Other(buffer.split().freeze());
-                }
-                Parsed::Partial => {}
+    loop {
+        match parse_head(&buffer, peer, fast_events) {
+            Parsed::Events(request) => return Sniffed::Events(request),
+            Parsed::Other => return Sniffed::Other(buffer.split().freeze()),
+            Parsed::Malformed(error) => return Sniffed::Malformed(error),
+            Parsed::Partial if buffer.len() >= max_head => {
+                return Sniffed::Malformed(ApiError::HeaderTooLarge);
             }
-            buffer.reserve(INITIAL_HEAD_BUFFER.min(max_head - buffer.len()).max(1));
-            match tokio::io::AsyncReadExt::read_buf(stream, &mut buffer).await {
-                Ok(0) | Err(_) => return Sniffed::Gone,
-                Ok(_) => {}
-            }
+            Parsed::Partial => {}
         }
-    };
-    // A client that trickles its head (slowloris) is cut off like hyper would.
-    tokio::time::timeout(timeout, read_head)
-        .await
-        .unwrap_or(Sniffed::Gone)
+        buffer.reserve(INITIAL_HEAD_BUFFER.min(max_head - buffer.len()).max(1));
+        match tokio::io::AsyncReadExt::read_buf(stream, &mut buffer).await {
+            Ok(0) | Err(_) => return Sniffed::Gone,
+            Ok(_) => {}
+        }
+    }
 }
 
 enum Parsed {
     Events(Box<Request<()>>),
     Other,
+    Malformed(ApiError),
     Partial,
 }
 
-fn parse_head(bytes: &[u8], peer: std::net::SocketAddr) -> Parsed {
+fn parse_head(bytes: &[u8], peer: std::net::SocketAddr, fast_events: bool) -> Parsed {
     if bytes.is_empty() {
+        return Parsed::Partial;
+    }
+    if bytes.starts_with(H2_PREFACE) {
+        return Parsed::Other;
+    }
+    if H2_PREFACE.starts_with(bytes) {
         return Parsed::Partial;
     }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -95,9 +102,15 @@ fn parse_head(bytes: &[u8], peer: std::net::SocketAddr) -> Parsed {
     match head.parse(bytes) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(_) => return Parsed::Other,
+        Err(httparse::Error::TooManyHeaders) => {
+            return Parsed::Malformed(ApiError::HeaderTooLarge);
+        }
+        Err(e) => {
+            return Parsed::Malformed(ApiError::BadRequest(format!("malformed request: {e}")));
+        }
     }
-    let is_events = head.method == Some("GET")
+    let is_events = fast_events
+        && head.method == Some("GET")
         && head.version == Some(1)
         && head
             .path
@@ -112,18 +125,24 @@ fn parse_head(bytes: &[u8], peer: std::net::SocketAddr) -> Parsed {
     for header in head.headers.iter() {
         builder = builder.header(header.name, header.value);
     }
-    match builder.extension(Peer(peer)).body(()) {
+    let peer = Peer {
+        addr: peer,
+        activity: None,
+    };
+    match builder.extension(peer).body(()) {
         Ok(request) => Parsed::Events(Box::new(request)),
         // Header bytes `http` refuses: hyper gives the proper error.
         Err(_) => Parsed::Other,
     }
 }
 
-/// Serves one `GET /events` on the connection, then closes it.
+/// Serves one `GET /events` on the connection, then closes it. `write_stall` closes a stream
+/// whose writes stay blocked that long.
 pub(crate) async fn serve(
     mut stream: TcpStream,
     request: Request<()>,
     endpoint: Arc<EventsEndpoint>,
+    write_stall: Option<Duration>,
 ) {
     // Boxed so the routing future's state does not stay in this task for the stream's life.
     let response = match Box::pin(super::route_public(endpoint, request)).await {
@@ -132,29 +151,45 @@ pub(crate) async fn serve(
     };
     let (parts, body) = response.into_parts();
     let result = match body {
-        Either::Right(events) => {
+        Either::Right(mut events) => {
             let head = encode_head(&parts, Framing::Chunked);
             // The response's header map would otherwise live as long as the stream.
             drop(parts);
             match stream.write_all(&head).await {
-                Ok(()) => pump(&mut stream, events).await,
+                Ok(()) => pump(&mut stream, &mut events, write_stall).await,
                 Err(e) => Err(e),
             }
         }
-        Either::Left(full) => {
-            let body = match http_body_util::BodyExt::collect(full).await {
-                Ok(collected) => collected.to_bytes(),
-                Err(never) => match never {},
-            };
-            let mut head = encode_head(&parts, Framing::Length(body.len()));
-            head.extend_from_slice(&body);
-            stream.write_all(&head).await
-        }
+        Either::Left(full) => write_fixed(&mut stream, &parts, full).await,
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "stream connection ended with an error");
     }
     let _ = stream.shutdown().await;
+}
+
+/// Answers a connection whose first head could not be served with `error`, then closes it.
+pub(crate) async fn answer<S: AsyncWrite + Unpin>(stream: &mut S, error: ApiError) {
+    let (parts, body) = error.into_response().into_parts();
+    if let Either::Left(full) = body {
+        let _ = write_fixed(stream, &parts, full).await;
+    }
+    let _ = stream.shutdown().await;
+}
+
+/// Writes a complete response with a fixed body, announcing that the connection closes.
+async fn write_fixed<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    parts: &http::response::Parts,
+    body: http_body_util::Full<Bytes>,
+) -> io::Result<()> {
+    let body = match http_body_util::BodyExt::collect(body).await {
+        Ok(collected) => collected.to_bytes(),
+        Err(never) => match never {},
+    };
+    let mut head = encode_head(parts, Framing::Length(body.len()));
+    head.extend_from_slice(&body);
+    stream.write_all(&head).await
 }
 
 /// How the response body is delimited.
@@ -184,11 +219,67 @@ fn encode_head(parts: &http::response::Parts, framing: Framing) -> Vec<u8> {
 }
 
 /// Writes the stream's frames into the socket as HTTP/1.1 chunks until the stream ends (then
-/// writes the last chunk) or the client goes away.
-async fn pump(stream: &mut TcpStream, mut events: EventStream) -> io::Result<()> {
+/// writes the last chunk), the client goes away, or writes stay blocked for `write_stall` (the
+/// stream then closes as `stalled`).
+async fn pump(
+    stream: &mut TcpStream,
+    events: &mut EventStream,
+    write_stall: Option<Duration>,
+) -> io::Result<()> {
     let mut out = Outgoing::default();
     let mut client = ClientWatch::new();
-    poll_fn(|cx| pump_once(cx, stream, &mut events, &mut out, &mut client)).await
+    let mut stall = StallWatch::new(write_stall);
+    let result =
+        poll_fn(|cx| pump_once(cx, stream, events, &mut out, &mut client, &mut stall)).await;
+    if stall.fired {
+        events.close_as(crate::metrics::CloseReason::Stalled);
+    }
+    result
+}
+
+/// Closes a stream whose writes find the socket full for too long. The timer is armed once per
+/// blocked episode, not per write: a reader that keeps up costs no timer operation.
+struct StallWatch {
+    limit: Option<Duration>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    blocked: bool,
+    fired: bool,
+}
+
+impl StallWatch {
+    fn new(limit: Option<Duration>) -> StallWatch {
+        StallWatch {
+            limit,
+            timer: None,
+            blocked: false,
+            fired: false,
+        }
+    }
+
+    /// Writes went through.
+    fn flowing(&mut self) {
+        self.blocked = false;
+    }
+
+    /// Writes are blocked; true once they have been for the whole limit.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(limit) = self.limit else {
+            return false;
+        };
+        if !self.blocked {
+            self.blocked = true;
+            let deadline = tokio::time::Instant::now() + limit;
+            match &mut self.timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        self.fired = self
+            .timer
+            .as_mut()
+            .is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
+        self.fired
+    }
 }
 
 /// Chunks handed to the socket but not yet written: shared buffers, never copied.
@@ -262,13 +353,26 @@ fn pump_once(
     events: &mut EventStream,
     out: &mut Outgoing,
     client: &mut ClientWatch,
+    stall: &mut StallWatch,
 ) -> Poll<io::Result<()>> {
     loop {
         if client.gone(cx, stream) {
             return Poll::Ready(Ok(()));
         }
         // Backpressure: while the socket is full, take no more frames from the stream.
-        ready!(out.poll_write(cx, stream))?;
+        match out.poll_write(cx, stream) {
+            Poll::Ready(written) => {
+                written?;
+                stall.flowing();
+            }
+            Poll::Pending if stall.expired(cx) => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client stopped reading (limits.write_stall_secs)",
+                )));
+            }
+            Poll::Pending => return Poll::Pending,
+        }
         if out.ending {
             return Poll::Ready(Ok(()));
         }
@@ -431,7 +535,7 @@ mod tests {
     #[test]
     fn only_http11_get_events_takes_the_fast_path() {
         let events = b"GET /events?channel=a HTTP/1.1\r\nHost: x\r\nLast-Event-ID: e-1\r\n\r\n";
-        match parse_head(events, peer()) {
+        match parse_head(events, peer(), true) {
             Parsed::Events(request) => {
                 assert_eq!(request.uri().query(), Some("channel=a"));
                 assert_eq!(request.headers()["last-event-id"], "e-1");
@@ -446,16 +550,42 @@ mod tests {
             b"OPTIONS /events HTTP/1.1\r\n\r\n",
             b"GET /eventsX HTTP/1.1\r\n\r\n",
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-            b"\x16\x03\x01garbage",
         ] {
             assert!(
-                matches!(parse_head(other, peer()), Parsed::Other),
+                matches!(parse_head(other, peer(), true), Parsed::Other),
                 "{other:?}"
             );
         }
+        assert!(matches!(parse_head(events, peer(), false), Parsed::Other));
+        for partial in [&b"GET /events HTTP/1.1\r\nHost"[..], b"PRI * HTTP/2"] {
+            assert!(matches!(parse_head(partial, peer(), true), Parsed::Partial));
+        }
+    }
+
+    #[test]
+    fn heads_that_are_not_http_are_malformed() {
+        for garbage in [
+            &b"\x16\x03\x01garbage\r\n\r\n"[..],
+            b"GET /\r\n\r\n",
+            b"GET / HTTP/1.1\r\nNoColon\r\n\r\n",
+            b"GET /\0 HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(
+                matches!(
+                    parse_head(garbage, peer(), true),
+                    Parsed::Malformed(ApiError::BadRequest(_))
+                ),
+                "{garbage:?}"
+            );
+        }
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("x-{i}: y\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
         assert!(matches!(
-            parse_head(b"GET /events HTTP/1.1\r\nHost", peer()),
-            Parsed::Partial
+            parse_head(&many, peer(), true),
+            Parsed::Malformed(ApiError::HeaderTooLarge)
         ));
     }
 

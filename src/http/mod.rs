@@ -6,6 +6,7 @@
 
 mod admin;
 mod admission;
+mod connection;
 mod cors;
 mod events;
 mod fast_path;
@@ -34,9 +35,14 @@ pub(crate) use admin::AdminEndpoint;
 pub(crate) use admission::Admission;
 pub(crate) use cors::Cors;
 
-/// The TCP peer of a request, attached as a request extension by the accept loop.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Peer(pub(crate) std::net::SocketAddr);
+/// The TCP peer of a request and its connection's activity, attached as a request extension
+/// by the listener.
+#[derive(Clone, Debug)]
+pub(crate) struct Peer {
+    pub(crate) addr: std::net::SocketAddr,
+    /// `None` on the fast path, which watches its own connection.
+    pub(crate) activity: Option<Arc<connection::Activity>>,
+}
 pub(crate) use events::{inspect_request, EventsEndpoint};
 
 /// Body of every response: a fixed JSON document or an SSE stream.
@@ -69,6 +75,9 @@ pub(crate) enum ApiError {
     /// Too many streams from one client address: `429` with `Retry-After`.
     #[error("{0}")]
     TooManyRequests(String),
+    /// The request head is larger than `limits.max_header_bytes`: `431`.
+    #[error("the request head is too large (limits.max_header_bytes)")]
+    HeaderTooLarge,
 }
 
 impl ApiError {
@@ -81,6 +90,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable(_) | ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 
@@ -193,52 +203,113 @@ fn log_rejection(path: &str, error: &ApiError) {
     tracing::debug!(path = %shown, status = error.status().as_u16(), %error, suppressed, "request rejected");
 }
 
-/// How a listener serves its connections: protocol limits and optional TLS.
-#[derive(Clone)]
+/// How a listener serves its connections: caps, deadlines, protocol limits and optional TLS.
 pub(crate) struct ServeOptions {
-    /// Time a client gets to send a complete request head (slowloris protection); also bounds
-    /// the TLS handshake.
-    pub(crate) header_read_timeout: Duration,
-    /// Largest request head accepted.
+    /// Connection caps, counted at accept.
+    pub(crate) caps: connection::ConnectionCaps,
+    /// First-request, idle and write-stall deadlines.
+    pub(crate) deadlines: connection::ConnectionDeadlines,
+    /// Largest request head.
     pub(crate) max_header_bytes: usize,
     /// Terminates TLS when set.
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     /// Serves plain-TCP HTTP/1.1 `GET /events` without hyper when set (see `fast_path`).
     pub(crate) fast_events: Option<Arc<EventsEndpoint>>,
+    builder: auto::Builder<TokioExecutor>,
 }
 
+/// Most connections the admin listener holds: enough for probes and scrapers, and part of the
+/// descriptors kept back from the public listener, so the admin listener always answers.
+pub(crate) const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// Descriptors kept back from the public listener's connections: the admin listener's, plus the
+/// Redis connection, the listeners, the runtime and logging.
+const DESCRIPTOR_RESERVE: usize = ADMIN_MAX_CONNECTIONS + 64;
+
 impl ServeOptions {
-    /// Options from `[limits]` and `[server.tls]`.
-    pub(crate) fn from_settings(
-        limits: &crate::config::LimitsSettings,
-        tls: Option<&crate::config::TlsSettings>,
+    /// Options of the public listener, from `[limits]` and `[server]`.
+    pub(crate) fn public(
+        settings: &crate::config::Settings,
     ) -> Result<ServeOptions, crate::config::ConfigError> {
-        Ok(ServeOptions {
-            header_read_timeout: Duration::from_secs(limits.header_read_timeout_secs),
-            max_header_bytes: limits.max_header_bytes,
-            tls: tls.map(tls::acceptor).transpose()?,
-            fast_events: None,
-        })
+        let limits = &settings.limits;
+        let caps = connection::ConnectionCaps::new(
+            "public",
+            public_connection_cap(limits.max_connections),
+            limits.max_connections_per_ip,
+            &limits.trusted_proxies,
+        );
+        let tls = settings
+            .server
+            .tls
+            .as_ref()
+            .map(tls::acceptor)
+            .transpose()?;
+        Ok(ServeOptions::new(caps, limits, tls))
     }
 
-    fn builder(&self) -> auto::Builder<TokioExecutor> {
+    /// Options of the admin listener: the same deadlines and head limits as the public one,
+    /// and a small connection cap of its own.
+    pub(crate) fn admin(limits: &crate::config::LimitsSettings) -> ServeOptions {
+        let caps = connection::ConnectionCaps::new("admin", ADMIN_MAX_CONNECTIONS, 0, &[]);
+        ServeOptions::new(caps, limits, None)
+    }
+
+    fn new(
+        caps: connection::ConnectionCaps,
+        limits: &crate::config::LimitsSettings,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> ServeOptions {
+        let header_read_timeout = Duration::from_secs(limits.header_read_timeout_secs);
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // Timeouts need a timer, or hyper panics on the first connection.
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout)
-            .max_buf_size(self.max_header_bytes);
+            .header_read_timeout(header_read_timeout)
+            .max_buf_size(limits.max_header_bytes);
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX));
-        builder
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        ServeOptions {
+            caps,
+            deadlines: connection::ConnectionDeadlines {
+                first_request: header_read_timeout,
+                idle: Duration::from_secs(limits.idle_timeout_secs),
+                write_stall: (limits.write_stall_secs > 0)
+                    .then(|| Duration::from_secs(limits.write_stall_secs)),
+            },
+            max_header_bytes: limits.max_header_bytes,
+            tls,
+            fast_events: None,
+            builder,
+        }
+    }
+
+    fn listener(&self) -> &'static str {
+        self.caps.listener()
     }
 }
 
-/// Accepts connections on `listener` and serves each with `handle` (HTTP/1.1 and h2c) until
-/// `stop` is cancelled; then waits up to `grace` for open connections to finish.
+/// Connections the public listener may hold: `limits.max_connections`, but never more than the
+/// process's descriptor limit minus [`DESCRIPTOR_RESERVE`]: past that, `accept` would fail
+/// for the admin listener and Redis too.
+pub(crate) fn public_connection_cap(max_connections: usize) -> usize {
+    let descriptors =
+        rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(soft, _hard)| soft);
+    let budget = usize::try_from(descriptors)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(DESCRIPTOR_RESERVE)
+        .max(1);
+    if max_connections == 0 {
+        budget
+    } else {
+        max_connections.min(budget)
+    }
+}
+
+/// Accepts connections on `listener` and serves each (HTTP/1.1, h2c, TLS; the fast path for
+/// `GET /events` when enabled) until `stop` is cancelled; then waits up to `grace` for open
+/// connections to finish.
 pub(crate) async fn serve<E, F, Fut>(
     listener: TcpListener,
     endpoint: Arc<E>,
@@ -251,17 +322,17 @@ pub(crate) async fn serve<E, F, Fut>(
     F: Fn(Arc<E>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
 {
-    let builder = options.builder();
+    let options = Arc::new(options);
     let graceful = GracefulShutdown::new();
-    // Fast-path streams are not hyper connections: they are tracked here for the drain.
-    let streams = tokio_util::task::TaskTracker::new();
+    // Every connection's task, for the drain; hyper's are also watched by `graceful`.
+    let connections = tokio_util::task::TaskTracker::new();
     let local = listener.local_addr().ok();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) if is_per_connection_error(&e) => continue,
             Err(e) => {
@@ -271,67 +342,33 @@ pub(crate) async fn serve<E, F, Fut>(
                 continue;
             }
         };
-        let (stream, peer) = stream;
-        let _ = stream.set_nodelay(true);
-        let endpoint = endpoint.clone();
-        let service = service_fn(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(Peer(peer));
-            handle(endpoint.clone(), request)
-        });
-        let Some(acceptor) = options.tls.clone() else {
-            let Some(events) = options.fast_events.clone() else {
-                let connection = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
+        // Counted before any protocol work: a client over a cap costs no more than this.
+        let slot = match options.caps.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                options.caps.refuse(stream, refusal, options.tls.is_none());
                 continue;
-            };
-            let (builder, watcher) = (builder.clone(), graceful.watcher());
-            let (timeout, max_head) = (options.header_read_timeout, options.max_header_bytes);
-            tokio::spawn(streams.track_future(async move {
-                let mut stream = stream;
-                match fast_path::sniff(&mut stream, peer, timeout, max_head).await {
-                    fast_path::Sniffed::Events(request) => {
-                        fast_path::serve(stream, *request, events).await;
-                    }
-                    fast_path::Sniffed::Other(prefix) => {
-                        let io = TokioIo::new(fast_path::Rewind::new(prefix, stream));
-                        let connection = builder.serve_connection(io, service).into_owned();
-                        // Boxed: hyper's connection state is large, and inline it would size
-                        // the task of every fast-path stream too.
-                        if let Err(e) = Box::pin(watcher.watch(connection)).await {
-                            tracing::debug!(error = %e, "connection ended with an error");
-                        }
-                    }
-                    fast_path::Sniffed::Gone => {}
-                }
-            }));
-            continue;
-        };
-        let (builder, watcher) = (builder.clone(), graceful.watcher());
-        let handshake_timeout = options.header_read_timeout;
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
-                Err(_) => return tracing::debug!("TLS handshake timed out"),
-            };
-            let connection = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(connection.into_owned()).await {
-                tracing::debug!(error = %e, "connection ended with an error");
             }
-        });
+        };
+        let _ = stream.set_nodelay(true);
+        let accepted = Accepted {
+            peer,
+            at: tokio::time::Instant::now(),
+            _slot: slot,
+        };
+        let server = HyperServer {
+            options: options.clone(),
+            endpoint: endpoint.clone(),
+            handle,
+            watcher: graceful.watcher(),
+        };
+        tokio::spawn(connections.track_future(serve_connection(stream, accepted, server)));
     }
     drop(listener);
-    streams.close();
-    let open = graceful.count() + streams.len();
+    connections.close();
+    let open = connections.len();
     let drained = async {
-        tokio::join!(graceful.shutdown(), streams.wait());
+        tokio::join!(graceful.shutdown(), connections.wait());
     };
     if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(
@@ -339,6 +376,158 @@ pub(crate) async fn serve<E, F, Fut>(
             open,
             "shutdown grace period expired; closing remaining connections"
         );
+    }
+}
+
+/// A counted connection: who, since when, and its slots under the caps.
+struct Accepted {
+    peer: std::net::SocketAddr,
+    at: tokio::time::Instant,
+    _slot: connection::ConnectionSlot,
+}
+
+/// Everything needed to hand a connection to hyper.
+struct HyperServer<E, F> {
+    options: Arc<ServeOptions>,
+    endpoint: Arc<E>,
+    handle: F,
+    watcher: hyper_util::server::graceful::Watcher,
+}
+
+/// Serves one accepted connection: its first request head decides who serves it (the fast
+/// path, hyper, or an error answer); TLS is terminated first where configured.
+async fn serve_connection<E, F, Fut>(
+    mut stream: tokio::net::TcpStream,
+    accepted: Accepted,
+    server: HyperServer<E, F>,
+) where
+    E: Send + Sync + 'static,
+    F: Fn(Arc<E>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
+{
+    let options = server.options.clone();
+    if let Some(acceptor) = options.tls.clone() {
+        // Boxed: the TLS and hyper state would otherwise size every fast-path task too.
+        return Box::pin(serve_tls(stream, acceptor, accepted, server)).await;
+    }
+    let deadline = accepted.at + options.deadlines.first_request;
+    let fast = options.fast_events.is_some();
+    let head = fast_path::sniff(&mut stream, accepted.peer, options.max_header_bytes, fast);
+    let Ok(sniffed) = tokio::time::timeout_at(deadline, head).await else {
+        // A client that trickles its head (slowloris) or sends nothing is cut off.
+        return metrics_expired(&options, connection::Expiry::NoRequest);
+    };
+    match sniffed {
+        fast_path::Sniffed::Events(request) => {
+            if let Some(events) = options.fast_events.clone() {
+                let stall = options.deadlines.write_stall;
+                fast_path::serve(stream, *request, events, stall).await;
+            }
+        }
+        fast_path::Sniffed::Other(prefix) => {
+            let activity = Arc::new(connection::Activity::accepted_at(accepted.at));
+            let io = connection::Tracked::new(stream, activity.clone());
+            let io = fast_path::Rewind::new(prefix, io);
+            // Boxed: hyper's connection state is large, and inline it would size the task of
+            // every fast-path stream too.
+            Box::pin(server.serve(io, accepted.peer, activity)).await;
+        }
+        fast_path::Sniffed::Malformed(error) => fast_path::answer(&mut stream, error).await,
+        fast_path::Sniffed::Gone => {}
+    }
+}
+
+/// The TLS variant of [`serve_connection`]: handshake and first head both within the
+/// first-request deadline, then hyper (HTTP/2 or HTTP/1.1, as ALPN chose).
+async fn serve_tls<E, F, Fut>(
+    stream: tokio::net::TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    accepted: Accepted,
+    server: HyperServer<E, F>,
+) where
+    E: Send + Sync + 'static,
+    F: Fn(Arc<E>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
+{
+    let options = server.options.clone();
+    let activity = Arc::new(connection::Activity::accepted_at(accepted.at));
+    let deadline = accepted.at + options.deadlines.first_request;
+    let handshake_and_head = async {
+        let tracked = connection::Tracked::new(stream, activity.clone());
+        let mut tls = match acceptor.accept(tracked).await {
+            Ok(tls) => tls,
+            Err(e) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                return None;
+            }
+        };
+        let sniffed =
+            fast_path::sniff(&mut tls, accepted.peer, options.max_header_bytes, false).await;
+        Some((tls, sniffed))
+    };
+    match tokio::time::timeout_at(deadline, handshake_and_head).await {
+        Err(_) => metrics_expired(&options, connection::Expiry::NoRequest),
+        Ok(None | Some((_, fast_path::Sniffed::Gone))) => {}
+        Ok(Some((mut tls, fast_path::Sniffed::Malformed(error)))) => {
+            fast_path::answer(&mut tls, error).await;
+        }
+        Ok(Some((tls, fast_path::Sniffed::Other(prefix)))) => {
+            let io = fast_path::Rewind::new(prefix, tls);
+            server.serve(io, accepted.peer, activity).await;
+        }
+        // Not asked for: the fast path is for plain TCP only.
+        Ok(Some((_, fast_path::Sniffed::Events(_)))) => {}
+    }
+}
+
+fn metrics_expired(options: &ServeOptions, expiry: connection::Expiry) {
+    crate::metrics::tcp_connection_expired(options.listener(), expiry.label());
+}
+
+impl<E, F, Fut> HyperServer<E, F>
+where
+    E: Send + Sync + 'static,
+    F: Fn(Arc<E>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static,
+{
+    /// Serves the connection with hyper until it ends, is drained, or outlives a deadline.
+    async fn serve<IO>(
+        self,
+        io: IO,
+        peer: std::net::SocketAddr,
+        activity: Arc<connection::Activity>,
+    ) where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (endpoint, handle) = (self.endpoint, self.handle);
+        let peer = Peer {
+            addr: peer,
+            activity: Some(activity.clone()),
+        };
+        let service = service_fn(move |mut request: Request<Incoming>| {
+            if let Some(activity) = &peer.activity {
+                activity.request_received();
+            }
+            request.extensions_mut().insert(peer.clone());
+            handle(endpoint.clone(), request)
+        });
+        let connection = self
+            .options
+            .builder
+            .serve_connection(TokioIo::new(io), service)
+            .into_owned();
+        let connection = self.watcher.watch(connection);
+        tokio::select! {
+            result = connection => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            }
+            expiry = connection::watchdog(&activity, self.options.deadlines) => {
+                tracing::debug!(reason = expiry.label(), "closing a connection past its deadline");
+                metrics_expired(&self.options, expiry);
+            }
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use http_body::{Body, Frame};
 use tokio::time::{Instant, Sleep};
 
 use super::admission::Admitted;
+use super::connection::Activity;
 use crate::hub::{Drain, DrainWatch, EntryKind, Hub, Lease, Registration};
 use crate::metrics::{self, CloseReason};
 use crate::sse::{self, WireFrame};
@@ -62,6 +63,9 @@ pub(crate) struct EventStream {
     finished: Option<CloseReason>,
     /// Holds this stream's connection-limit slots until it ends.
     _admitted: Admitted,
+    /// The connection's activity, when its watchdog runs apart from the stream (hyper): counts
+    /// the stream as open there, and tells whether the watchdog closed it for a write stall.
+    connection: Option<Arc<Activity>>,
 }
 
 /// A frame waiting to be written.
@@ -107,6 +111,8 @@ pub(crate) struct StreamStart<'a> {
     pub(crate) expires_at: Option<SystemTime>,
     /// The stream's admission (connection-limit slots).
     pub(crate) admitted: Admitted,
+    /// The activity of the connection carrying the stream, if it is watched (see `connection`).
+    pub(crate) connection: Option<Arc<Activity>>,
 }
 
 impl EventStream {
@@ -142,11 +148,15 @@ impl EventStream {
                 .map(|at| Box::pin(tokio::time::sleep(until(at)))),
             finished: None,
             _admitted: start.admitted,
+            connection: start.connection,
             cursor,
             lease,
             hub,
         };
         metrics::stream_opened();
+        if let Some(connection) = &stream.connection {
+            connection.stream_opened();
+        }
         let position = stream.hub.epoch().id(cursor);
         let preamble = sse::encode_preamble(start.retry_ms, position);
         stream.pending.push_back(Outgoing::encoded(&preamble));
@@ -247,7 +257,20 @@ impl Drop for EventStream {
     fn drop(&mut self) {
         self.lease.stop_listening(&mut self.listening);
         self.drain.deregister(&mut self.drain_watch);
+        if let Some(connection) = &self.connection {
+            connection.stream_closed();
+            if connection.stalled() {
+                self.finished = Some(CloseReason::Stalled);
+            }
+        }
         metrics::stream_closed(self.finished.unwrap_or(CloseReason::ClientGone));
+    }
+}
+
+impl EventStream {
+    /// Records why the writer gave up on the stream (for the close-reason metric).
+    pub(crate) fn close_as(&mut self, reason: CloseReason) {
+        self.finished = Some(reason);
     }
 }
 
