@@ -45,6 +45,15 @@ const DOCUMENTED: &[&str] = &[
     "ssehub_history_bytes",
     "ssehub_history_evicted_total",
     "ssehub_payloads_dropped_total{reason=\"invalid_utf8\"}",
+    "ssehub_connections_closed_total{reason=\"stalled\"}",
+    "ssehub_requests_rejected_total{status=\"431\"}",
+    "ssehub_tcp_connections{listener=\"public\"}",
+    "ssehub_tcp_connections{listener=\"admin\"}",
+    "ssehub_tcp_connections_refused_total{listener=\"public\",reason=\"max_connections\"}",
+    "ssehub_tcp_connections_refused_total{listener=\"public\",reason=\"max_connections_per_ip\"}",
+    "ssehub_tcp_connections_expired_total{listener=\"public\",reason=\"first_request_timeout\"}",
+    "ssehub_tcp_connections_expired_total{listener=\"public\",reason=\"idle\"}",
+    "ssehub_tcp_connections_expired_total{listener=\"public\",reason=\"stalled\"}",
 ];
 
 /// One scrape: series (name plus labels, as rendered) to value.

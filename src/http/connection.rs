@@ -116,7 +116,7 @@ pub(crate) struct ConnectionCaps {
 }
 
 /// Most refusals written at once per listener.
-const MAX_REFUSALS_IN_FLIGHT: usize = 64;
+pub(crate) const MAX_REFUSALS_IN_FLIGHT: usize = 64;
 /// How long a refused connection is kept to let the client read the refusal.
 const REFUSAL_LINGER: Duration = Duration::from_millis(500);
 

@@ -221,9 +221,9 @@ pub(crate) struct ServeOptions {
 /// Most connections the admin listener holds: enough for probes and scrapers, and part of the
 /// descriptors kept back from the public listener, so the admin listener always answers.
 pub(crate) const ADMIN_MAX_CONNECTIONS: usize = 64;
-/// Descriptors kept back from the public listener's connections: the admin listener's, plus the
-/// Redis connection, the listeners, the runtime and logging.
-const DESCRIPTOR_RESERVE: usize = ADMIN_MAX_CONNECTIONS + 64;
+/// Descriptors kept back from the public listener's connections: the admin listener's, the
+/// refusals being written, plus the Redis connection, the listeners, the runtime and logging.
+const DESCRIPTOR_RESERVE: usize = ADMIN_MAX_CONNECTIONS + connection::MAX_REFUSALS_IN_FLIGHT + 64;
 
 impl ServeOptions {
     /// Options of the public listener, from `[limits]` and `[server]`.

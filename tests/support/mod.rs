@@ -567,3 +567,115 @@ impl SseClient {
         }
     }
 }
+
+/// The value of one series (name plus labels, as rendered) on the admin listener's `/metrics`.
+pub async fn metric(admin: SocketAddr, series: &str) -> TestResult<f64> {
+    let (status, text) = get(admin, "/metrics", &[]).await?;
+    if status != 200 {
+        return Err(format!("/metrics answered {status}").into());
+    }
+    let value = text
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .ok_or_else(|| format!("series {series} missing"))?;
+    Ok(value.trim().parse()?)
+}
+
+/// The gateway binary as a child process, configured from the environment only, optionally
+/// under a lowered file-descriptor limit. Its log goes to a temporary file, removed on drop.
+pub struct GatewayProcess {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    child: Child,
+    log: std::path::PathBuf,
+    config: std::path::PathBuf,
+}
+
+impl GatewayProcess {
+    /// Starts the binary against `redis` with `env` (`SSEHUB__...` pairs) and waits until it is
+    /// ready. `descriptor_limit` sets both the soft and the hard `RLIMIT_NOFILE`.
+    pub async fn start(
+        redis: &TestRedis,
+        env: &[(&str, &str)],
+        descriptor_limit: Option<u32>,
+    ) -> TestResult<GatewayProcess> {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let log = std::env::temp_dir().join(format!("ssehub-test-{}.log", admin.port()));
+        // Every setting comes from the environment; the empty file keeps ./config.toml out.
+        let config = log.with_extension("toml");
+        std::fs::write(&config, "")?;
+        let binary = env!("CARGO_BIN_EXE_ssehub");
+        let mut command = match descriptor_limit {
+            // `ulimit -n` in a shell that then becomes the gateway: the limit is its own.
+            Some(limit) => {
+                let mut shell = Command::new("/bin/sh");
+                shell
+                    .args(["-c", "ulimit -n \"$0\" && exec \"$@\""])
+                    .arg(limit.to_string())
+                    .arg(binary);
+                shell
+            }
+            None => Command::new(binary),
+        };
+        command
+            .arg("--config")
+            .arg(&config)
+            .env_clear()
+            .env("SSEHUB__REDIS__URL", redis.url())
+            .env("SSEHUB__SERVER__LISTEN", addr.to_string())
+            .env("SSEHUB__ADMIN__LISTEN", admin.to_string())
+            .env("SSEHUB__CHANNELS__PUBLIC", "*")
+            .env("SSEHUB__LOG__LEVEL", "info");
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .kill_on_drop(true)
+            .spawn()?;
+        let process = GatewayProcess {
+            addr,
+            admin,
+            child,
+            log,
+            config,
+        };
+        eventually("the gateway binary is ready", || async move {
+            matches!(get(admin, "/readyz", &[]).await, Ok((200, _)))
+        })
+        .await?;
+        Ok(process)
+    }
+
+    /// Opens `/events?<query>` from a chosen loopback address and expects a `200` stream.
+    pub async fn subscribe_from(&self, source: &str, query: &str) -> TestResult<SseClient> {
+        let path = format!("/events?{query}");
+        let (status, client) =
+            SseClient::open_from(Some(source.parse()?), self.addr, &path, &[]).await?;
+        if status != 200 {
+            return Err(format!("expected 200 for {query}, got {status}").into());
+        }
+        Ok(client)
+    }
+
+    /// Everything the process logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
