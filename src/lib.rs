@@ -17,7 +17,9 @@
 //! reads from the rings at its own cursor → socket.
 //!
 //! [`run`] is the one entry point: `main.rs` calls it with the configured listeners and the
-//! process signals; tests call it with listeners on port 0 and their own shutdown future.
+//! process signals; tests call it with listeners on port 0 and their own shutdown future. It is
+//! [`Gateway::start`] (every fallible set-up step) followed by [`Gateway::serve`] (supervision of
+//! the long-lived tasks until shutdown or failure).
 
 pub mod auth;
 pub mod channels;
@@ -156,102 +158,288 @@ pub fn probe_health(admin: SocketAddr, timeout: Duration) -> Result<(), String> 
     }
 }
 
+/// Why the gateway stopped other than by a requested shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// It could not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// A long-lived task ended or panicked while the gateway ran; it drained and stopped.
+    #[error("the {task} task failed: {cause}")]
+    TaskFailed {
+        /// Which task.
+        task: &'static str,
+        /// Its panic message, or that it ended when it should not have.
+        cause: String,
+    },
+}
+
+/// A running gateway: every fallible step of start-up done, its long-lived tasks spawned and
+/// supervised.
+///
+/// [`Gateway::serve`] waits for the shutdown signal or for any supervised task to end, whichever
+/// comes first. A task that ends on its own (or panics) is a failure: it is logged with its
+/// cause, `/readyz` answers `503`, the streams drain as for a shutdown, and `serve` returns
+/// [`RunError::TaskFailed`], so the process exits non-zero and its orchestrator restarts it.
+pub struct Gateway {
+    settings: Arc<Settings>,
+    hub: Arc<hub::Hub>,
+    /// Stops the public listener and the upstream task.
+    stop: CancellationToken,
+    /// Stops the admin listener, after the public one has drained.
+    admin_stop: CancellationToken,
+    /// Tells open streams to send their final `retry:` and end.
+    drain: Arc<hub::Drain>,
+    /// Set to the failed task's name; `/readyz` reports it.
+    failure: Arc<std::sync::OnceLock<&'static str>>,
+    public_server: Supervised,
+    upstream: Supervised,
+    admin_server: Supervised,
+    others: Vec<Supervised>,
+}
+
+impl Gateway {
+    /// Validates `settings`, builds everything that can fail, and starts serving on `listeners`.
+    pub async fn start(settings: Settings, listeners: Listeners) -> Result<Gateway, StartError> {
+        let settings = Arc::new(settings.validated()?);
+        let invalid = |key, message| config::ConfigError::Invalid { key, message };
+        let redis = redis::Client::open(settings.redis.url.as_str())
+            .map_err(|e| invalid("redis.url", e.to_string()))?;
+        let public = channels::PublicChannels::new(&settings.channels.public)
+            .map_err(|e| invalid("channels.public", e))?;
+        let authorizer = auth::Authorizer::new(public, &settings.auth)?;
+        let mut public_options = http::ServeOptions::public(&settings)?;
+        let admin_options = http::ServeOptions::admin(&settings.limits);
+
+        let metrics_handle = metrics::install();
+        log_settings(&settings, public_options.connection_cap());
+        let (hub, subscribe_requests) = hub::Hub::new(&settings);
+        let stop = CancellationToken::new();
+        let drain = Arc::new(hub::Drain::default());
+        let upstream = Supervised::spawn(
+            "upstream",
+            upstream::run(
+                redis,
+                hub.clone(),
+                subscribe_requests,
+                settings.redis.clone(),
+                stop.clone(),
+            ),
+        );
+        let events = Arc::new(http::EventsEndpoint {
+            hub: hub.clone(),
+            authorizer,
+            cors: http::Cors::new(
+                &settings.server.cors_origins,
+                settings.server.cors_credentials,
+            ),
+            admission: http::Admission::new(&settings.limits),
+            settings: settings.clone(),
+            drain: drain.clone(),
+        });
+        if settings.server.http1_fast_path {
+            public_options.fast_events = Some(events.clone());
+        }
+        let public_server = Supervised::spawn(
+            "public listener",
+            http::serve(
+                listeners.public,
+                events,
+                http::route_public,
+                public_options,
+                stop.clone(),
+                settings.shutdown_grace(),
+            ),
+        );
+        // The admin listener outlives the public one, so probes keep answering while draining.
+        let admin_stop = CancellationToken::new();
+        let failure = Arc::new(std::sync::OnceLock::new());
+        let admin = Arc::new(http::AdminEndpoint {
+            hub: hub.clone(),
+            draining: stop.clone(),
+            failure: failure.clone(),
+            metrics: metrics_handle.clone(),
+        });
+        let admin_server = Supervised::spawn(
+            "admin listener",
+            http::serve(
+                listeners.admin,
+                admin,
+                http::route_admin,
+                admin_options,
+                admin_stop.clone(),
+                ADMIN_GRACE,
+            ),
+        );
+        let others = metrics_handle
+            .map(|h| Supervised::spawn("metrics upkeep", metrics::run_upkeep(h)))
+            .into_iter()
+            .collect();
+        tracing::info!(
+            listen = %settings.server.listen,
+            admin = %settings.admin.listen,
+            epoch = %hub.epoch(),
+            "ssehub started"
+        );
+        Ok(Gateway {
+            settings,
+            hub,
+            stop,
+            admin_stop,
+            drain,
+            failure,
+            public_server,
+            upstream,
+            admin_server,
+            others,
+        })
+    }
+
+    /// Supervises one more long-lived task (an embedder's own, or a test's): if it ends or
+    /// panics before shutdown, the gateway fails as for one of its own.
+    pub fn supervise(&mut self, name: &'static str, task: tokio::task::JoinHandle<()>) {
+        self.others.push(Supervised::new(name, task));
+    }
+
+    /// Serves until `shutdown` resolves or a supervised task fails, then drains within
+    /// `server.shutdown_grace_secs`.
+    pub async fn serve(mut self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+        let failed = {
+            let mut tasks = self.all_tasks();
+            tokio::select! {
+                () = shutdown => None,
+                failed = first_to_end(&mut tasks) => Some(failed),
+            }
+        };
+        match &failed {
+            None => tracing::info!("shutdown requested: ending streams"),
+            Some((task, cause)) => {
+                let _ = self.failure.set(task);
+                tracing::error!(task, %cause, "a long-lived task failed: draining and exiting");
+            }
+        }
+        self.stop.cancel();
+        self.drain.start();
+        // The listener drains within the grace period; the upstream stops at once.
+        let grace = self.settings.shutdown_grace() + ADMIN_GRACE;
+        self.public_server.finish(grace).await;
+        self.upstream.finish(grace).await;
+        self.admin_stop.cancel();
+        self.admin_server.finish(ADMIN_GRACE * 2).await;
+        for task in &self.others {
+            task.handle.abort();
+        }
+        tracing::info!(epoch = %self.hub.epoch(), "ssehub stopped");
+        match failed {
+            None => Ok(()),
+            Some((task, cause)) => Err(RunError::TaskFailed { task, cause }),
+        }
+    }
+
+    fn all_tasks(&mut self) -> Vec<&mut Supervised> {
+        let mut tasks = vec![
+            &mut self.public_server,
+            &mut self.upstream,
+            &mut self.admin_server,
+        ];
+        tasks.extend(self.others.iter_mut());
+        tasks
+    }
+}
+
 /// Runs the gateway until `shutdown` resolves, then drains within `server.shutdown_grace_secs`.
+/// See [`Gateway`] for what happens when one of its tasks fails instead.
 pub async fn run(
     settings: Settings,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), StartError> {
-    let settings = Arc::new(settings.validated()?);
-    let invalid = |key, message| config::ConfigError::Invalid { key, message };
-    let redis = redis::Client::open(settings.redis.url.as_str())
-        .map_err(|e| invalid("redis.url", e.to_string()))?;
-    let public = channels::PublicChannels::new(&settings.channels.public)
-        .map_err(|e| invalid("channels.public", e))?;
-    let authorizer = auth::Authorizer::new(public, &settings.auth)?;
-    let public_options = http::ServeOptions::public(&settings)?;
-    let admin_options = http::ServeOptions::admin(&settings.limits);
+) -> Result<(), RunError> {
+    Gateway::start(settings, listeners)
+        .await?
+        .serve(shutdown)
+        .await
+}
 
-    let metrics_handle = metrics::install();
-    let upkeep = metrics_handle
-        .clone()
-        .map(|h| tokio::spawn(metrics::run_upkeep(h)));
-    log_settings(&settings);
+/// A long-lived task and whether it has been seen to end.
+struct Supervised {
+    name: &'static str,
+    handle: tokio::task::JoinHandle<()>,
+    ended: bool,
+}
 
-    let (hub, subscribe_requests) = hub::Hub::new(&settings);
-    let stop = CancellationToken::new();
-    // Tells open streams to send their final `retry:` and end; started once, at shutdown.
-    let drain = Arc::new(hub::Drain::default());
-    let upstream = tokio::spawn(upstream::run(
-        redis,
-        hub.clone(),
-        subscribe_requests,
-        settings.redis.clone(),
-        stop.clone(),
-    ));
-
-    let events = Arc::new(http::EventsEndpoint {
-        hub: hub.clone(),
-        authorizer,
-        cors: http::Cors::new(
-            &settings.server.cors_origins,
-            settings.server.cors_credentials,
-        ),
-        admission: http::Admission::new(&settings.limits),
-        settings: settings.clone(),
-        drain: drain.clone(),
-    });
-    let mut public_options = public_options;
-    if settings.server.http1_fast_path {
-        public_options.fast_events = Some(events.clone());
+impl Supervised {
+    fn new(name: &'static str, handle: tokio::task::JoinHandle<()>) -> Supervised {
+        Supervised {
+            name,
+            handle,
+            ended: false,
+        }
     }
-    let public_server = tokio::spawn(http::serve(
-        listeners.public,
-        events,
-        http::route_public,
-        public_options,
-        stop.clone(),
-        settings.shutdown_grace(),
-    ));
-    // The admin listener outlives the public one, so probes keep answering while draining.
-    let admin_stop = CancellationToken::new();
-    let admin = Arc::new(http::AdminEndpoint {
-        hub: hub.clone(),
-        draining: stop.clone(),
-        metrics: metrics_handle,
-    });
-    let admin_server = tokio::spawn(http::serve(
-        listeners.admin,
-        admin,
-        http::route_admin,
-        admin_options,
-        admin_stop.clone(),
-        ADMIN_GRACE,
-    ));
-    tracing::info!(
-        listen = %settings.server.listen,
-        admin = %settings.admin.listen,
-        epoch = %hub.epoch(),
-        "ssehub started"
-    );
 
-    shutdown.await;
-    tracing::info!("shutdown requested: ending streams");
-    stop.cancel();
-    drain.start();
-    let _ = public_server.await;
-    let _ = upstream.await;
-    admin_stop.cancel();
-    let _ = admin_server.await;
-    if let Some(upkeep) = upkeep {
-        upkeep.abort();
+    fn spawn(name: &'static str, task: impl Future<Output = ()> + Send + 'static) -> Supervised {
+        Supervised::new(name, tokio::spawn(task))
     }
-    tracing::info!("ssehub stopped");
-    Ok(())
+
+    /// Polls for the task's end: its name and why it ended.
+    fn poll_end(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<(&'static str, String)> {
+        if self.ended {
+            return std::task::Poll::Pending;
+        }
+        let result = std::task::ready!(std::pin::Pin::new(&mut self.handle).poll(cx));
+        self.ended = true;
+        let cause = match result {
+            Ok(()) => "it ended although the gateway was not shutting down".to_string(),
+            Err(e) if e.is_panic() => panic_message(e.into_panic()),
+            Err(e) => e.to_string(),
+        };
+        std::task::Poll::Ready((self.name, cause))
+    }
+
+    /// Waits up to `within` for the task to end after its stop signal, then aborts it.
+    async fn finish(&mut self, within: Duration) {
+        if self.ended {
+            return;
+        }
+        if tokio::time::timeout(within, &mut self.handle)
+            .await
+            .is_err()
+        {
+            tracing::warn!(task = self.name, "did not stop in time; aborted");
+            self.handle.abort();
+        }
+        self.ended = true;
+    }
+}
+
+/// Resolves when the first of `tasks` ends.
+async fn first_to_end(tasks: &mut [&mut Supervised]) -> (&'static str, String) {
+    std::future::poll_fn(|cx| {
+        for task in tasks.iter_mut() {
+            if let std::task::Poll::Ready(ended) = task.poll_end(cx) {
+                return std::task::Poll::Ready(ended);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// The text of a panic payload.
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(message) => format!("panicked: {message}"),
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(message) => format!("panicked: {message}"),
+            Err(_) => "panicked".to_string(),
+        },
+    }
 }
 
 /// Logs the effective configuration at start-up, with the Redis password masked.
-fn log_settings(settings: &Settings) {
+fn log_settings(settings: &Settings, connection_cap: usize) {
     tracing::info!(
         server.listen = %settings.server.listen,
         admin.listen = %settings.admin.listen,
@@ -264,6 +452,7 @@ fn log_settings(settings: &Settings) {
         history.linger_secs = settings.history.linger_secs,
         channels.public = ?settings.channels.public,
         channels.max_per_connection = settings.channels.max_per_connection,
-        "configuration"
+        public_connections = connection_cap,
+        "configuration (public_connections: the cap of the public listener, within the descriptor limit)"
     );
 }

@@ -132,17 +132,20 @@ fn run(settings: Settings) -> ExitCode {
                 return Ok(ExitCode::FAILURE);
             }
         };
-        let listeners = ssehub::Listeners::bind(&settings).await?;
+        let listeners = ssehub::Listeners::bind(&settings)
+            .await
+            .map_err(ssehub::RunError::Start)?;
         ssehub::run(settings, listeners, shutdown.received()).await?;
         Ok(ExitCode::SUCCESS)
     });
-    result.unwrap_or_else(|e: ssehub::StartError| {
+    result.unwrap_or_else(|e: ssehub::RunError| {
         tracing::error!("{e}");
         eprintln!("ssehub: {e}");
         match e {
             // Configuration problems exit like those found while loading: 2.
-            ssehub::StartError::Config(_) => ExitCode::from(2),
-            ssehub::StartError::Bind { .. } => ExitCode::FAILURE,
+            ssehub::RunError::Start(ssehub::StartError::Config(_)) => ExitCode::from(2),
+            // A failed task: non-zero, so the orchestrator restarts the process.
+            ssehub::RunError::Start(_) | ssehub::RunError::TaskFailed { .. } => ExitCode::FAILURE,
         }
     })
 }

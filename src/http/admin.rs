@@ -18,6 +18,8 @@ pub(crate) struct AdminEndpoint {
     pub(crate) hub: Arc<Hub>,
     /// Cancelled when draining starts: from then on the instance reports not ready.
     pub(crate) draining: tokio_util::sync::CancellationToken,
+    /// Set to the name of a long-lived task that failed: the instance reports not ready.
+    pub(crate) failure: Arc<std::sync::OnceLock<&'static str>>,
     /// `None` when another metrics recorder owns the process (embedding); `/metrics` is then empty.
     pub(crate) metrics: Option<PrometheusHandle>,
 }
@@ -51,7 +53,13 @@ impl AdminEndpoint {
 
     /// `200` only while the Redis subscription connection is up.
     pub(crate) fn readyz(&self) -> Response<ResponseBody> {
-        if self.draining.is_cancelled() {
+        if let Some(task) = self.failure.get() {
+            let reason = format!("the {task} task failed");
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({ "status": "not ready", "reason": reason }),
+            )
+        } else if self.draining.is_cancelled() {
             json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &serde_json::json!({ "status": "not ready", "reason": "draining" }),

@@ -105,6 +105,7 @@ impl Refusal {
 pub(crate) struct ConnectionCaps {
     /// Which listener these caps guard (`listener` label of the connection metrics).
     listener: &'static str,
+    capacity: usize,
     total: Arc<Semaphore>,
     per_address: Option<(AddressCounts, usize)>,
     /// Proxies carry many clients on few addresses: they are not capped per address here (the
@@ -143,13 +144,20 @@ impl ConnectionCaps {
         per_address: usize,
         trusted_proxies: &[IpAddr],
     ) -> ConnectionCaps {
+        let capacity = total.min(Semaphore::MAX_PERMITS);
         ConnectionCaps {
             listener,
-            total: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
+            capacity,
+            total: Arc::new(Semaphore::new(capacity)),
             per_address: (per_address > 0).then(|| (AddressCounts::default(), per_address)),
             trusted_proxies: trusted_proxies.iter().map(IpAddr::to_canonical).collect(),
             refusing: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
         }
+    }
+
+    /// Most connections held at once.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// The listener these caps guard.

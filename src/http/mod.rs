@@ -288,6 +288,11 @@ impl ServeOptions {
     fn listener(&self) -> &'static str {
         self.caps.listener()
     }
+
+    /// Most connections the listener holds at once.
+    pub(crate) fn connection_cap(&self) -> usize {
+        self.caps.capacity()
+    }
 }
 
 /// Connections the public listener may hold: `limits.max_connections`, but never more than the

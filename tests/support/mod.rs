@@ -179,7 +179,7 @@ pub struct TestGateway {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), ssehub::StartError>>>,
+    task: Option<JoinHandle<Result<(), ssehub::RunError>>>,
 }
 
 impl TestGateway {
