@@ -33,6 +33,7 @@ async fn malformed_and_oversized_heads_get_json_errors_and_are_counted() -> Test
         let mut settings = test_settings(&redis);
         settings.server.http1_fast_path = fast_path;
         let gateway = TestGateway::start_ready(settings).await?;
+        let mut reader = gateway.subscribe("channel=calm").await?;
         let rejected = "ssehub_requests_rejected_total{status=\"400\"}";
         let too_large = "ssehub_requests_rejected_total{status=\"431\"}";
         let (before_400, before_431) = (
@@ -67,6 +68,10 @@ async fn malformed_and_oversized_heads_get_json_errors_and_are_counted() -> Test
             "fast path {fast_path}"
         );
         assert_eq!(metric(gateway.admin, too_large).await?, before_431 + 2.0);
+        // Nothing of this disturbed a normal client or readiness.
+        redis.publish("calm", "unbothered").await?;
+        assert_eq!(reader.next_data(1).await?, ["unbothered"]);
+        assert_eq!(get(gateway.admin, "/readyz", &[]).await?.0, 200);
         gateway.stop().await?;
     }
     Ok(())

@@ -57,19 +57,31 @@ async fn stalled_client_is_closed_and_resumes(fast_path: bool) -> TestResult {
     settings.server.http1_fast_path = fast_path;
     let gateway = TestGateway::start_ready(settings).await?;
     let before = metric(gateway.admin, STALLED).await?;
+    let mut reader = gateway.subscribe("channel=slow").await?;
     let (stuck, id) = stop_reading_after_first_event(&gateway, &redis).await?;
 
+    // A client that reads gets everything meanwhile (read as it comes, so it never stalls).
+    let reading = tokio::spawn(async move {
+        assert_eq!(reader.next_data(1).await?, ["first"]);
+        for i in 0..600 {
+            let event = reader.next_event().await?;
+            assert!(event.data().starts_with(&format!("{i}:")), "event {i}");
+        }
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    });
     // Far more than the socket buffers hold: the writes block.
     let payload = "x".repeat(16 * 1024);
     for i in 0..600 {
         redis.publish("slow", format!("{i}:{payload}")).await?;
     }
+    reading.await??;
     eventually("the stuck stream is closed as stalled", || async {
         metric(gateway.admin, STALLED)
             .await
             .is_ok_and(|n| n >= before + 1.0)
     })
     .await?;
+    assert_eq!(get(gateway.admin, "/readyz", &[]).await?.0, 200);
     drop(stuck);
 
     // It comes back and resumes from where it was.
