@@ -153,7 +153,11 @@ fn run(settings: Settings) -> ExitCode {
 fn init_logging(settings: &Settings) {
     let filter = tracing_subscriber::EnvFilter::try_new(&settings.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colour codes only for a terminal: in files and log collectors they are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
     match settings.log.format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -631,9 +631,10 @@ impl GatewayProcess {
         for (key, value) in env {
             command.env(key, value);
         }
+        let log_file = std::fs::File::create(&log)?;
         let child = command
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
             .kill_on_drop(true)
             .spawn()?;
         let process = GatewayProcess {
