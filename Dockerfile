@@ -4,11 +4,16 @@
 #   docker run -p 8080:8080 -e SSEHUB__REDIS__URL=redis://redis:6379 ssehub
 # Configuration: /etc/ssehub/config.toml (the repo's config.toml) is baked in; override single
 # keys with SSEHUB__<SECTION>__<KEY> variables or mount your own file over it.
+# Checked without Docker by scripts/check-docker-context (CI runs it).
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 # Dependencies first, so source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock build.rs ./
+# Cargo.toml lists the bench/ workspace member: cargo needs its manifest to load the workspace
+# (and Cargo.lock, checked by --locked, covers it). Its sources are not needed: only the ssehub
+# binary is built.
+COPY bench/Cargo.toml bench/
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
     && cargo build --release --locked --bin ssehub \
     && rm -rf src
