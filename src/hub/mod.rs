@@ -4,7 +4,8 @@
 //! appends) and the HTTP streams (readers: each holds a [`Lease`] on its channels and a cursor).
 //! There are no per-connection queues: a stream wakes when one of its channels changes (through
 //! the channel's wake-up list, see `wakers`) and reads what it has not sent yet straight from the
-//! rings, so a slow client costs no memory.
+//! rings, one bounded piece at a time (`Hub::read`), so a slow client costs no memory, even when
+//! it resumed far back.
 //!
 //! Positions are global: one counter orders the events of all channels, so a single id is a
 //! complete resume point for a stream over several channels.
