@@ -180,12 +180,12 @@ async fn a_resumed_client_that_never_reads_does_not_pin_evicted_history() -> Tes
     let mut reader = SseClient::open(gateway.addr, "/events?channel=big", &[])
         .await?
         .1;
-    let mut round_start = reader.next_block().await?.id.ok_or("preamble without id")?;
+    reader.next_block().await?;
     publish_range(&redis, "big", 0, CAPACITY).await?;
     expect_range(&mut reader, 0, CAPACITY).await?;
     // The ring is full: from here on every event published evicts one. One more turn of the
     // ring warms the allocator up (freed frames are reused from then on) before the baseline.
-    round_start = reader.last_event_id.clone().ok_or("no last id")?;
+    let mut round_start = reader.last_event_id.clone().ok_or("no last id")?;
     publish_range(&redis, "big", CAPACITY, 2 * CAPACITY).await?;
     expect_range(&mut reader, CAPACITY, 2 * CAPACITY).await?;
     let baseline = gateway.rss_kib()?;
