@@ -131,6 +131,7 @@ static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 struct HotPath {
     received: Counter,
     delivered: Counter,
+    replayed: Counter,
     bytes_sent: Counter,
     latency: Histogram,
 }
@@ -141,6 +142,7 @@ fn hot_path() -> &'static HotPath {
     HOT_PATH.get_or_init(|| HotPath {
         received: counter!(EVENTS_RECEIVED),
         delivered: counter!(EVENTS_DELIVERED),
+        replayed: counter!(EVENTS_REPLAYED),
         bytes_sent: counter!(BYTES_SENT),
         latency: histogram!(FANOUT_LATENCY),
     })
@@ -288,7 +290,7 @@ pub fn event_received() {
     hot_path().received.increment(1);
 }
 
-/// An event read from Redis at `received_at` was handed to a client socket at `now`.
+/// A live event read from Redis at `received_at` was handed to a client socket at `now`.
 pub fn event_delivered(received_at: Instant, now: Instant) {
     let hot = hot_path();
     hot.delivered.increment(1);
@@ -301,10 +303,18 @@ pub fn bytes_sent(bytes: usize) {
     hot_path().bytes_sent.increment(bytes as u64);
 }
 
-/// A resume ended with `outcome` after replaying `replayed` events.
-pub fn resumed(outcome: &'static str, replayed: usize) {
+/// An event a resuming client had missed was handed to its socket. It counts as delivered, but
+/// not in the fan-out latency histogram: its age is how long the client was away, not how fast
+/// the gateway is.
+pub fn replayed_event_delivered() {
+    let hot = hot_path();
+    hot.delivered.increment(1);
+    hot.replayed.increment(1);
+}
+
+/// A resume's outcome became known (its replay was read, or the client left first).
+pub fn resumed(outcome: &'static str) {
     counter!(RESUMES, "outcome" => outcome).increment(1);
-    counter!(EVENTS_REPLAYED).increment(replayed as u64);
 }
 
 /// A `gateway.reset` was sent.

@@ -37,6 +37,9 @@ const MAX_HEADERS: usize = 100;
 const INITIAL_HEAD_BUFFER: usize = 1024;
 /// Most chunks queued for one vectored write.
 const MAX_CHUNKS_PER_WRITE: usize = 64;
+/// Bytes after which no further chunk is queued for one write: with large events, 64 chunks
+/// would hold a stalled client's frames (and so history the ring evicts) in this queue.
+const MAX_BYTES_PER_WRITE: usize = 64 * 1024;
 /// What an HTTP/2 connection with prior knowledge starts with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -376,9 +379,15 @@ fn pump_once(
         if out.ending {
             return Poll::Ready(Ok(()));
         }
-        while out.chunks.len() < MAX_CHUNKS_PER_WRITE {
+        // The queue is empty here: `poll_write` wrote everything.
+        let mut queued = 0;
+        while out.chunks.len() < MAX_CHUNKS_PER_WRITE && queued < MAX_BYTES_PER_WRITE {
             match events.poll_wire_frame(cx) {
-                Poll::Ready(Some(frame)) => out.chunks.push_back(frame.into_http1_chunk()),
+                Poll::Ready(Some(frame)) => {
+                    let chunk = frame.into_http1_chunk();
+                    queued += chunk.len();
+                    out.chunks.push_back(chunk);
+                }
                 Poll::Ready(None) => {
                     out.chunks.push_back(Bytes::from_static(b"0\r\n\r\n"));
                     out.ending = true;

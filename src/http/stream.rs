@@ -1,9 +1,15 @@
 //! The body of one SSE response: a cursor over the hub, woken when its channels change.
 //!
-//! The stream holds no queue of its own. When woken it reads everything after its cursor from
-//! the rings (already-encoded, shared frames), hands those frames to the writer (the HTTP/1.1
-//! fast path, or hyper as a response body), and moves the cursor to the head it read up to.
-//! Gaps and fall-offs become `gateway.reset` events, so a client never sees a silent hole.
+//! The stream holds no queue of its own beyond one piece. When woken, and once it has handed
+//! out everything it read before, it reads the next bounded piece after its cursor from the
+//! rings (already-encoded, shared frames; see `Hub::read`), hands those frames to the writer
+//! (the HTTP/1.1 fast path, or hyper as a response body), and moves the cursor to the position
+//! the piece covers. So a client that resumes far back and never reads pins one piece, not its
+//! whole replay: frames the ring evicts meanwhile are freed. Gaps and fall-offs become
+//! `gateway.reset` events, so a client never sees a silent hole.
+//!
+//! Events at or below the head a stream started from are replays: they are counted as replayed
+//! and kept out of the fan-out latency histogram, which measures live delivery only.
 //!
 //! Wake-ups come from the hub's wake-up lists (`hub::wakers`): before each look at the rings
 //! the stream makes sure it is registered on every channel it reads and on the drain signal.
@@ -22,7 +28,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::admission::Admitted;
 use super::connection::Activity;
-use crate::hub::{Drain, DrainWatch, EntryKind, Hub, Lease, Registration};
+use crate::hub::{Drain, DrainWatch, EntryKind, Hub, Lease, Registration, Skipped};
 use crate::metrics::{self, CloseReason};
 use crate::sse::{self, WireFrame};
 
@@ -42,7 +48,13 @@ pub(crate) struct EventStream {
     lease: Lease,
     /// Everything up to this position has been sent (or did not concern this stream).
     cursor: u64,
-    /// Frames read but not yet handed to the writer.
+    /// The head when the stream opened: events up to it are replays, not live deliveries.
+    replay_until: u64,
+    /// The resume being replayed, until its outcome is counted.
+    resume: Option<ResumeTally>,
+    /// Channels whose history fell off, skipped until their `history_expired` reset is sent.
+    skipped: Option<Skipped>,
+    /// Frames read but not yet handed to the writer: at most one piece, plus control frames.
     pending: VecDeque<Outgoing>,
     /// This stream's entries in its channels' wake-up lists, one per leased channel.
     listening: Vec<Registration>,
@@ -71,15 +83,25 @@ pub(crate) struct EventStream {
 /// A frame waiting to be written.
 struct Outgoing {
     frame: WireFrame,
-    /// For events: when the message was read from Redis (fan-out latency).
-    received_at: Option<Instant>,
+    kind: OutgoingKind,
+}
+
+/// How a handed-out frame is accounted for.
+#[derive(Clone, Copy)]
+enum OutgoingKind {
+    /// Made by the gateway (preamble, reset, heartbeat, retry).
+    Control,
+    /// An event the client missed before it resumed.
+    Replayed,
+    /// A live event, read from Redis at this time (fan-out latency).
+    Live(Instant),
 }
 
 impl Outgoing {
     fn control(frame: WireFrame) -> Outgoing {
         Outgoing {
             frame,
-            received_at: None,
+            kind: OutgoingKind::Control,
         }
     }
 
@@ -89,10 +111,10 @@ impl Outgoing {
     }
 }
 
-/// What one read of the rings found, for resume accounting.
+/// What the replay of a resume has met so far; its outcome is counted once the replay has been
+/// read up to the head the stream started from (or when the client leaves before that).
 #[derive(Default)]
-struct ReadSummary {
-    events: usize,
+struct ResumeTally {
     interrupted: bool,
     expired: bool,
 }
@@ -117,7 +139,7 @@ pub(crate) struct StreamStart<'a> {
 
 impl EventStream {
     /// Opens a stream whose channels are all subscribed. Queues the preamble, any
-    /// `unknown_position` reset, and the replay of what the client missed.
+    /// `unknown_position` reset, and the first piece of the replay of what the client missed.
     pub(crate) fn open(
         hub: Arc<Hub>,
         lease: Lease,
@@ -150,6 +172,9 @@ impl EventStream {
             _admitted: start.admitted,
             connection: start.connection,
             cursor,
+            replay_until: head,
+            resume: None,
+            skipped: None,
             lease,
             hub,
         };
@@ -165,34 +190,41 @@ impl EventStream {
             let reset = sse::encode_reset(position, reset_reason::UNKNOWN_POSITION, &names);
             stream.pending.push_back(Outgoing::encoded(&reset));
             metrics::reset_sent(reset_reason::UNKNOWN_POSITION);
-            metrics::resumed(reset_reason::UNKNOWN_POSITION, 0);
+            metrics::resumed(reset_reason::UNKNOWN_POSITION);
         } else {
-            let replay = stream.read_new_entries();
             if resumed.is_some() {
-                metrics::resumed(replay.outcome(), replay.events);
+                stream.resume = Some(ResumeTally::default());
             }
+            // Only the first piece: the rest is read as the writer takes it. A short replay
+            // fits in it, so its outcome is counted here, as soon as it is known.
+            stream.read_next_piece();
         }
         stream
     }
 
-    /// Moves everything after the cursor into `pending`, turning gaps and fall-offs into resets.
-    fn read_new_entries(&mut self) -> ReadSummary {
+    /// Moves the next piece after the cursor into `pending`, turning gaps and fall-offs into
+    /// resets.
+    fn read_next_piece(&mut self) {
         if self.hub.head() <= self.cursor {
-            return ReadSummary::default();
+            self.count_resume_if_replayed();
+            return;
         }
-        let batch = self.hub.read(&self.lease, self.cursor);
+        let batch = self
+            .hub
+            .read(&self.lease, self.cursor, self.skipped.as_ref());
         let epoch = self.hub.epoch();
-        let mut summary = ReadSummary::default();
+        let replaying = self.cursor < self.replay_until;
         // Consumed, so each event's frame moves into `pending` without another reference count.
         let mut items = batch.items.into_iter().peekable();
         while let Some((channel, entry)) = items.next() {
             match entry.kind {
                 EntryKind::Event { frame, received_at } => {
-                    summary.events += 1;
-                    self.pending.push_back(Outgoing {
-                        frame,
-                        received_at: Some(received_at),
-                    });
+                    let kind = if entry.seq <= self.replay_until {
+                        OutgoingKind::Replayed
+                    } else {
+                        OutgoingKind::Live(received_at)
+                    };
+                    self.pending.push_back(Outgoing { frame, kind });
                 }
                 EntryKind::Gap => {
                     // One reconnect puts a gap at the same position in every channel it hit:
@@ -207,20 +239,66 @@ impl EventStream {
                     let reset = sse::encode_reset(id, reset_reason::UPSTREAM_INTERRUPTED, &names);
                     self.pending.push_back(Outgoing::encoded(&reset));
                     metrics::reset_sent(reset_reason::UPSTREAM_INTERRUPTED);
-                    summary.interrupted = true;
+                    if entry.seq <= self.replay_until {
+                        if let Some(resume) = &mut self.resume {
+                            resume.interrupted = true;
+                        }
+                    }
                 }
             }
         }
         if !batch.fell_off.is_empty() {
-            let names: Vec<&str> = batch.fell_off.iter().map(|i| self.lease.name(*i)).collect();
-            let id = epoch.id(batch.limit);
-            let reset = sse::encode_reset(id, reset_reason::HISTORY_EXPIRED, &names);
-            self.pending.push_back(Outgoing::encoded(&reset));
-            metrics::reset_sent(reset_reason::HISTORY_EXPIRED);
-            summary.expired = true;
+            if replaying {
+                if let Some(resume) = &mut self.resume {
+                    resume.expired = true;
+                }
+            }
+            self.skip_fallen_off(batch.fell_off, batch.head);
         }
         self.cursor = batch.limit;
-        summary
+        self.send_due_expiry_reset();
+        self.count_resume_if_replayed();
+    }
+
+    /// Skips channels whose history fell off up to `head`, the position their reset will carry
+    /// (as if everything up to it had been read at once): the other channels' entries up to
+    /// there are still sent first, and the fallen-off channels' remaining entries up to there
+    /// are not sent at all. Channels that fall off while others are skipped join them.
+    fn skip_fallen_off(&mut self, fell_off: Vec<usize>, head: u64) {
+        match &mut self.skipped {
+            Some(skipped) => skipped.channels.extend(fell_off),
+            None => {
+                self.skipped = Some(Skipped {
+                    channels: fell_off,
+                    until: head,
+                })
+            }
+        }
+    }
+
+    /// Queues the `history_expired` reset once the cursor reached the position it carries.
+    fn send_due_expiry_reset(&mut self) {
+        let Some(skipped) = self.skipped.take_if(|skipped| skipped.until <= self.cursor) else {
+            return;
+        };
+        let names: Vec<&str> = skipped
+            .channels
+            .iter()
+            .map(|i| self.lease.name(*i))
+            .collect();
+        let id = self.hub.epoch().id(skipped.until);
+        let reset = sse::encode_reset(id, reset_reason::HISTORY_EXPIRED, &names);
+        self.pending.push_back(Outgoing::encoded(&reset));
+        metrics::reset_sent(reset_reason::HISTORY_EXPIRED);
+    }
+
+    /// Counts the resume's outcome once its replay has been read completely.
+    fn count_resume_if_replayed(&mut self) {
+        if self.cursor >= self.replay_until {
+            if let Some(resume) = self.resume.take() {
+                metrics::resumed(resume.outcome());
+            }
+        }
     }
 
     /// Ends the stream for shutdown, after a spread-out final `retry:` so a fleet's clients do
@@ -234,7 +312,7 @@ impl EventStream {
     }
 }
 
-impl ReadSummary {
+impl ResumeTally {
     /// The `outcome` label of a resume whose replay this was.
     fn outcome(&self) -> &'static str {
         if self.expired {
@@ -255,6 +333,10 @@ fn until(at: SystemTime) -> Duration {
 
 impl Drop for EventStream {
     fn drop(&mut self) {
+        // A client that leaves during its replay still made a resume attempt.
+        if let Some(resume) = self.resume.take() {
+            metrics::resumed(resume.outcome());
+        }
         self.lease.stop_listening(&mut self.listening);
         self.drain.deregister(&mut self.drain_watch);
         if let Some(connection) = &self.connection {
@@ -308,7 +390,7 @@ impl EventStream {
                 continue;
             }
             self.lease.listen(&mut self.listening, cx.waker());
-            self.read_new_entries();
+            self.read_next_piece();
             if !self.pending.is_empty() || self.heartbeat_fired(cx) {
                 continue;
             }
@@ -323,8 +405,10 @@ impl EventStream {
         let now = Instant::now();
         self.last_write = now;
         metrics::bytes_sent(outgoing.frame.frame_len());
-        if let Some(received_at) = outgoing.received_at {
-            metrics::event_delivered(received_at, now);
+        match outgoing.kind {
+            OutgoingKind::Control => {}
+            OutgoingKind::Replayed => metrics::replayed_event_delivered(),
+            OutgoingKind::Live(received_at) => metrics::event_delivered(received_at, now),
         }
         Some(outgoing.frame)
     }
@@ -350,5 +434,232 @@ impl EventStream {
         let next = self.last_write + self.heartbeat_every;
         self.heartbeat.as_mut().reset(next);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Waker;
+
+    use http::HeaderMap;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::config::Settings;
+    use crate::http::admission::Admission;
+    use crate::hub::{SubscribeRequest, PIECE_MAX_ENTRIES};
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// What a client sees of one frame.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Seen {
+        Event(String),
+        Reset {
+            reason: String,
+            channels: Vec<String>,
+            id: String,
+        },
+        Other,
+    }
+
+    fn seen(frame: &WireFrame) -> Seen {
+        let text = String::from_utf8_lossy(&frame.frame()).into_owned();
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name))
+                .map(str::to_string)
+        };
+        let Some(data) = field("data: ") else {
+            return Seen::Other;
+        };
+        if field("event: ").as_deref() != Some(sse::RESET_EVENT) {
+            return Seen::Event(data);
+        }
+        let reset: serde_json::Value = serde_json::from_str(&data).unwrap_or_default();
+        Seen::Reset {
+            reason: reset["reason"].as_str().unwrap_or("").to_string(),
+            channels: reset["channels"]
+                .as_array()
+                .map(|c| {
+                    c.iter()
+                        .filter_map(|c| c.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            id: field("id: ").unwrap_or_default(),
+        }
+    }
+
+    fn hub_with_capacity(capacity: usize) -> (Arc<Hub>, mpsc::UnboundedReceiver<SubscribeRequest>) {
+        let mut settings = Settings::default();
+        settings.history.capacity = capacity;
+        Hub::new(&settings)
+    }
+
+    /// Leases `names`, confirming them as the upstream task would.
+    fn lease(
+        hub: &Arc<Hub>,
+        requests: &mut mpsc::UnboundedReceiver<SubscribeRequest>,
+        names: &[&str],
+    ) -> Lease {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let lease = hub.acquire(&names);
+        let mut confirmed = Vec::new();
+        while let Ok(request) = requests.try_recv() {
+            confirmed.push(request);
+        }
+        hub.mark_subscribed(&confirmed);
+        lease
+    }
+
+    /// Opens a stream resuming from `position`.
+    fn resume(hub: &Arc<Hub>, lease: Lease, position: u64) -> Result<EventStream, &'static str> {
+        let id = hub.epoch().id(position).to_string();
+        let admitted = Admission::new(&Settings::default().limits)
+            .admit([127, 0, 0, 1].into(), &HeaderMap::new())
+            .map_err(|_| "admission refused")?;
+        let start = StreamStart {
+            resume_from: Some(&id),
+            retry_ms: 1000,
+            heartbeat: Duration::from_secs(3600),
+            shutdown_retry_jitter_ms: 0,
+            expires_at: None,
+            admitted,
+            connection: None,
+        };
+        Ok(EventStream::open(
+            hub.clone(),
+            lease,
+            start,
+            Arc::new(Drain::default()),
+        ))
+    }
+
+    /// Takes every frame the stream has to give now (bounded), as a client would see them.
+    fn drain(stream: &mut EventStream) -> Vec<Seen> {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut out = Vec::new();
+        for _ in 0..100_000 {
+            match stream.poll_wire_frame(&mut cx) {
+                Poll::Ready(Some(frame)) => out.push(seen(&frame)),
+                Poll::Ready(None) | Poll::Pending => break,
+            }
+        }
+        out.retain(|seen| *seen != Seen::Other);
+        out
+    }
+
+    fn publish(hub: &Hub, name: &str, payload: &str) {
+        hub.publish(name, payload.as_bytes(), Instant::now());
+    }
+
+    fn events(payloads: impl IntoIterator<Item = String>) -> Vec<Seen> {
+        payloads.into_iter().map(Seen::Event).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resumed_stream_queues_one_piece_of_its_replay() -> TestResult {
+        let (hub, mut requests) = hub_with_capacity(1000);
+        let lease = lease(&hub, &mut requests, &["a"]);
+        let start = hub.head();
+        for n in 0..500 {
+            publish(&hub, "a", &format!("a{n}"));
+        }
+        let stream = resume(&hub, lease, start)?;
+        // The preamble and one piece.
+        assert!(
+            stream.pending.len() <= 1 + PIECE_MAX_ENTRIES,
+            "{} frames queued",
+            stream.pending.len()
+        );
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_replay_does_not_keep_what_the_ring_evicts() -> TestResult {
+        let (hub, mut requests) = hub_with_capacity(100);
+        let lease = lease(&hub, &mut requests, &["a"]);
+        let start = hub.head();
+        for n in 0..100 {
+            publish(&hub, "a", &format!("old{n}"));
+        }
+        let mut stream = resume(&hub, lease, start)?;
+        // The client reads nothing while the ring turns over.
+        for n in 0..100 {
+            publish(&hub, "a", &format!("new{n}"));
+        }
+        let seen = drain(&mut stream);
+        // It gets the piece it was holding, then learns that the rest is gone.
+        let held = PIECE_MAX_ENTRIES.min(100);
+        assert_eq!(
+            seen[..held],
+            events((0..held).map(|n| format!("old{n}")))[..]
+        );
+        assert_eq!(
+            seen[held],
+            Seen::Reset {
+                reason: reset_reason::HISTORY_EXPIRED.to_string(),
+                channels: vec!["a".to_string()],
+                id: hub.epoch().id(hub.head()).to_string(),
+            }
+        );
+        assert_eq!(seen.len(), held + 1);
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replay_across_pieces_sends_every_event_once_in_order_and_one_reset_per_gap(
+    ) -> TestResult {
+        let (hub, mut requests) = hub_with_capacity(1000);
+        let lease = lease(&hub, &mut requests, &["a", "b", "c"]);
+        let start = hub.head();
+        let mut expected = Vec::new();
+        for n in 0..150 {
+            let name = ["a", "b", "c"][n % 3];
+            publish(&hub, name, &format!("{name}{n}"));
+            expected.push(Seen::Event(format!("{name}{n}")));
+        }
+        hub.set_upstream_up(false);
+        hub.mark_subscribed(&hub.subscriptions());
+        hub.set_upstream_up(true);
+        expected.push(Seen::Reset {
+            reason: reset_reason::UPSTREAM_INTERRUPTED.to_string(),
+            channels: vec!["a".to_string(), "b".to_string(), "c".to_string()],
+            id: hub.epoch().id(hub.head()).to_string(),
+        });
+        for n in 0..50 {
+            publish(&hub, "b", &format!("after{n}"));
+            expected.push(Seen::Event(format!("after{n}")));
+        }
+        let mut stream = resume(&hub, lease, start)?;
+        assert_eq!(drain(&mut stream), expected);
+        publish(&hub, "c", "live");
+        assert_eq!(drain(&mut stream), events(["live".to_string()]));
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fallen_off_channel_is_reset_after_the_others_replay_across_pieces() -> TestResult {
+        let (hub, mut requests) = hub_with_capacity(100);
+        let lease = lease(&hub, &mut requests, &["a", "b"]);
+        let start = hub.head();
+        for n in 0..100 {
+            publish(&hub, "a", &format!("a{n}"));
+            publish(&hub, "b", &format!("b{n}"));
+            publish(&hub, "a", &format!("a{n}'"));
+        }
+        let head = hub.head();
+        let mut stream = resume(&hub, lease, start)?;
+        let mut expected = events((0..100).map(|n| format!("b{n}")));
+        expected.push(Seen::Reset {
+            reason: reset_reason::HISTORY_EXPIRED.to_string(),
+            channels: vec!["a".to_string()],
+            id: hub.epoch().id(head).to_string(),
+        });
+        assert_eq!(drain(&mut stream), expected);
+        publish(&hub, "a", "live");
+        assert_eq!(drain(&mut stream), events(["live".to_string()]));
+        Ok(())
     }
 }

@@ -37,7 +37,7 @@ pub(crate) enum EntryKind {
 }
 
 impl EntryKind {
-    fn byte_len(&self) -> usize {
+    pub(crate) fn byte_len(&self) -> usize {
         match self {
             EntryKind::Event { frame, .. } => frame.http1_chunk().len(),
             EntryKind::Gap => 0,
@@ -117,23 +117,21 @@ impl Ring {
         self.complete_since = position;
     }
 
-    /// Visits the entries with `cursor < seq <= limit`, oldest first, or fails when entries
-    /// after `cursor` may have been evicted already.
-    pub(crate) fn read_after(
+    /// The entries with `cursor < seq <= limit`, oldest first, or `FellOff` when entries after
+    /// `cursor` may have been evicted already. An iterator, so a bounded read stops early.
+    pub(crate) fn entries_after(
         &self,
         cursor: u64,
         limit: u64,
-        visit: impl FnMut(&Entry),
-    ) -> Result<(), FellOff> {
+    ) -> Result<impl Iterator<Item = &Entry>, FellOff> {
         if cursor < self.complete_since {
             return Err(FellOff);
         }
         let start = self.entries.partition_point(|e| e.seq <= cursor);
-        self.entries
+        Ok(self
+            .entries
             .range(start..)
-            .take_while(|e| e.seq <= limit)
-            .for_each(visit);
-        Ok(())
+            .take_while(move |e| e.seq <= limit))
     }
 
     /// When the oldest entry held was appended.
@@ -168,9 +166,7 @@ mod tests {
     }
 
     fn seqs(ring: &Ring, cursor: u64, limit: u64) -> Result<Vec<u64>, FellOff> {
-        let mut out = Vec::new();
-        ring.read_after(cursor, limit, |e| out.push(e.seq))?;
-        Ok(out)
+        Ok(ring.entries_after(cursor, limit)?.map(|e| e.seq).collect())
     }
 
     #[test]
@@ -224,7 +220,7 @@ mod tests {
     }
 
     #[test]
-    fn gap_entries_are_read_in_order() {
+    fn gap_entries_are_read_in_order() -> Result<(), &'static str> {
         let now = Instant::now();
         let mut ring = Ring::new(0, 10, Duration::from_secs(60));
         ring.push(event(1, now));
@@ -234,9 +230,9 @@ mod tests {
             appended_at: now,
         });
         ring.push(event(3, now));
-        let mut out = Vec::new();
-        assert_eq!(ring.read_after(0, 3, |e| out.push(e.clone())), Ok(()));
+        let out: Vec<&Entry> = ring.entries_after(0, 3).map_err(|_| "fell off")?.collect();
         assert!(matches!(out[1].kind, EntryKind::Gap));
         assert_eq!(out.len(), 3);
+        Ok(())
     }
 }
