@@ -83,6 +83,14 @@ impl<T> Deadlines<T> {
             .map(|Reverse(ticket)| (ticket.due, ticket.target))
     }
 
+    /// Gives back the queue's spare room once it holds a small part of what it once held, so a
+    /// burst of tickets does not keep its memory after the burst.
+    pub(super) fn shrink_if_sparse(&mut self) {
+        if super::is_sparse(self.heap.len(), self.heap.capacity()) {
+            self.heap.shrink_to(2 * self.heap.len());
+        }
+    }
+
     /// Number of tickets held.
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {

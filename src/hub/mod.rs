@@ -207,6 +207,15 @@ enum Status {
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// How often the channel cap may log that it bit.
 const CAP_LOG_INTERVAL: Duration = Duration::from_secs(5);
+/// Below this capacity the channel map and the lingering queue are never shrunk.
+const MIN_SHRINK_CAPACITY: usize = 1024;
+
+/// Whether a collection of `len` entries with room for `capacity` should give room back:
+/// collections never shrink by themselves, so after a burst of channels (a flood of fresh names)
+/// their peak-sized tables would stay allocated for good.
+fn is_sparse(len: usize, capacity: usize) -> bool {
+    capacity > MIN_SHRINK_CAPACITY && capacity > 4 * len
+}
 
 impl Hub {
     /// Creates the hub and the receiving end of its subscription requests (for the upstream).
@@ -672,6 +681,11 @@ impl Hub {
                 }
                 None => {}
             }
+        }
+        let held = map.len();
+        if !freed.is_empty() && is_sparse(held, map.capacity()) {
+            map.shrink_to(2 * held);
+            lingering.shrink_if_sparse();
         }
         freed
     }
