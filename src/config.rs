@@ -35,6 +35,8 @@ pub const DEFAULT_HISTORY_MAX_AGE_SECS: u64 = 300;
 pub const DEFAULT_HISTORY_LINGER_SECS: u64 = 300;
 /// Default maximum number of channels on one connection.
 pub const DEFAULT_MAX_CHANNELS_PER_CONNECTION: usize = 16;
+/// Default maximum number of channels held at once (subscribed, pending or lingering).
+pub const DEFAULT_MAX_CHANNELS_TOTAL: usize = 100_000;
 /// Default time open streams get to end on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
 
@@ -312,6 +314,10 @@ pub struct ChannelSettings {
     pub public: Vec<String>,
     /// Most distinct channels one connection may request.
     pub max_per_connection: usize,
+    /// Most channels held at once, counting subscribed, pending and lingering ones. Each costs
+    /// a Redis subscription and gateway memory, so without a cap one client naming fresh
+    /// channels could make the gateway hold as many as it can send requests.
+    pub max_total: usize,
 }
 
 /// `[log]`
@@ -434,6 +440,7 @@ impl Default for ChannelSettings {
         ChannelSettings {
             public: Vec::new(),
             max_per_connection: DEFAULT_MAX_CHANNELS_PER_CONNECTION,
+            max_total: DEFAULT_MAX_CHANNELS_TOTAL,
         }
     }
 }
@@ -506,6 +513,7 @@ impl Settings {
             "channels.max_per_connection",
             self.channels.max_per_connection as u64,
         )?;
+        positive("channels.max_total", self.channels.max_total as u64)?;
         positive(
             "redis.connect_timeout_secs",
             self.redis.connect_timeout_secs,
@@ -667,6 +675,7 @@ mod tests {
         assert_eq!(settings.history.linger_secs, 300);
         assert!(settings.channels.public.is_empty());
         assert_eq!(settings.channels.max_per_connection, 16);
+        assert_eq!(settings.channels.max_total, 100_000);
         assert_eq!(settings.server.shutdown_grace_secs, 10);
     }
 
@@ -749,6 +758,8 @@ mod tests {
             assert!(err.contains("limits.max_header_bytes"), "{err}");
         }
         assert!(load("[limits]\nmax_header_bytes = 8192\n", &[]).is_ok());
+        let err = error_of("[channels]\nmax_total = 0\n", &[]);
+        assert!(err.contains("channels.max_total"), "{err}");
         let err = error_of("", &[("SSEHUB__SSE__RETRY_MS", "soon")]);
         assert!(err.contains("retry_ms"), "{err}");
     }

@@ -41,6 +41,14 @@ enum Command {
 
 const DEFAULT_CONFIG_PATH: &str = "./config.toml";
 
+/// jemalloc with background threads instead of glibc's malloc: after a burst of channels is
+/// freed (a flood of fresh names, see `channels.max_total`), glibc kept the memory (RSS stayed
+/// at the peak), while jemalloc's background threads return idle pages to the system within
+/// seconds (`bench/channel-flood`, README "Channel amplification").
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     // The default path is optional (defaults apply); a path given explicitly must exist.

@@ -43,6 +43,8 @@ pub const REDIS_UP: &str = "ssehub_redis_up";
 pub const REDIS_RECONNECTS: &str = "ssehub_redis_reconnects_total";
 /// Channels currently subscribed on Redis.
 pub const REDIS_CHANNELS: &str = "ssehub_redis_channels";
+/// Channels freed before their linger ended, to stay within `channels.max_total`.
+pub const CHANNELS_EVICTED: &str = "ssehub_channels_evicted_total";
 /// Entries held in all rings.
 pub const HISTORY_EVENTS: &str = "ssehub_history_events";
 /// Encoded bytes held in all rings.
@@ -190,6 +192,10 @@ fn describe_all() {
         "Redis subscription connections re-established."
     );
     describe_gauge!(REDIS_CHANNELS, "Channels currently subscribed on Redis.");
+    describe_counter!(
+        CHANNELS_EVICTED,
+        "Idle channels freed before their linger ended, to stay within channels.max_total."
+    );
     describe_gauge!(HISTORY_EVENTS, "Entries held in all rings.");
     describe_gauge!(
         HISTORY_BYTES,
@@ -234,6 +240,7 @@ fn register_all() {
     gauge!(REDIS_UP).set(0.0);
     counter!(REDIS_RECONNECTS).absolute(0);
     gauge!(REDIS_CHANNELS).set(0.0);
+    counter!(CHANNELS_EVICTED).absolute(0);
     gauge!(HISTORY_EVENTS).set(0.0);
     gauge!(HISTORY_BYTES).set(0.0);
     counter!(HISTORY_EVICTED).absolute(0);
@@ -335,6 +342,11 @@ pub fn redis_reconnected() {
 /// Current number of subscribed channels.
 pub fn redis_channels(count: usize) {
     gauge!(REDIS_CHANNELS).set(count as f64);
+}
+
+/// Idle channels were freed early to stay within the channel cap.
+pub fn channels_evicted(count: usize) {
+    counter!(CHANNELS_EVICTED).increment(count as u64);
 }
 
 /// Current size of all rings.

@@ -1,7 +1,8 @@
 //! The upstream: the one task that owns the Redis subscription connection.
 //!
 //! It connects at start-up (retrying until Redis is there), SUBSCRIBEs when the hub asks for a
-//! channel, UNSUBSCRIBEs channels the hub freed after their linger, and hands every message to
+//! channel, UNSUBSCRIBEs channels the hub freed after their linger or early (to stay within
+//! `channels.max_total`), and hands every message to
 //! the hub, which sequences and stores it. It probes the connection with PING under a timeout so
 //! a half-open TCP connection is noticed too. When the connection is lost it marks every channel
 //! interrupted, reconnects with capped, jittered exponential backoff, subscribes everything again
@@ -22,7 +23,7 @@ use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RedisSettings;
-use crate::hub::{Hub, PublishOutcome, SubscribeRequest};
+use crate::hub::{Hub, PublishOutcome, SubscribeRequest, UpstreamRequest};
 use crate::metrics;
 
 /// Most channels named in one SUBSCRIBE when restoring after a reconnect.
@@ -42,7 +43,7 @@ const DELIVERY_BURST: usize = 128;
 pub async fn run(
     client: redis::Client,
     hub: Arc<Hub>,
-    mut requests: mpsc::UnboundedReceiver<SubscribeRequest>,
+    mut requests: mpsc::UnboundedReceiver<UpstreamRequest>,
     settings: RedisSettings,
     shutdown: CancellationToken,
 ) {
@@ -126,7 +127,7 @@ enum SessionEnd {
 /// One connected period of the subscription connection.
 struct Session<'a> {
     hub: &'a Arc<Hub>,
-    requests: &'a mut mpsc::UnboundedReceiver<SubscribeRequest>,
+    requests: &'a mut mpsc::UnboundedReceiver<UpstreamRequest>,
     settings: &'a RedisSettings,
     shutdown: &'a CancellationToken,
 }
@@ -194,7 +195,9 @@ impl Session<'_> {
                     while let Ok(more) = self.requests.try_recv() {
                         batch.push(more);
                     }
-                    let _ = commands.send(Command::Subscribe(batch));
+                    for command in commands_in_order(batch) {
+                        let _ = commands.send(command);
+                    }
                 }
                 result = results.recv() => match result {
                     Some(Ok(Some(confirmed))) => self.hub.mark_subscribed(&confirmed),
@@ -266,10 +269,32 @@ fn ready_now<S: Stream + Unpin>(stream: &mut S) -> Option<Option<S::Item>> {
 }
 
 /// What the command worker is asked to do on the subscription connection.
+#[derive(Debug)]
 enum Command {
     Subscribe(Vec<SubscribeRequest>),
     Unsubscribe(Vec<Arc<str>>),
     Ping,
+}
+
+/// Turns the hub's requests into as few commands as keep their order: each run of subscribes
+/// becomes one SUBSCRIBE, each run of unsubscribes one UNSUBSCRIBE.
+fn commands_in_order(requests: Vec<UpstreamRequest>) -> Vec<Command> {
+    let mut commands = Vec::new();
+    for request in requests {
+        match (request, commands.last_mut()) {
+            (UpstreamRequest::Subscribe(request), Some(Command::Subscribe(run))) => {
+                run.push(request)
+            }
+            (UpstreamRequest::Subscribe(request), _) => {
+                commands.push(Command::Subscribe(vec![request]))
+            }
+            (UpstreamRequest::Unsubscribe(name), Some(Command::Unsubscribe(run))) => run.push(name),
+            (UpstreamRequest::Unsubscribe(name), _) => {
+                commands.push(Command::Unsubscribe(vec![name]))
+            }
+        }
+    }
+    commands
 }
 
 /// `Ok(Some(..))`: these subscriptions are confirmed. `Ok(None)`: done. `Err`: connection dead.
@@ -397,5 +422,38 @@ mod tests {
         assert!(delay >= Duration::from_millis(500), "{delay:?}");
         backoff.session_ended(STABLE_CONNECTION);
         assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn requests_become_commands_in_their_order() {
+        let subscribe = |name: &str| {
+            UpstreamRequest::Subscribe(SubscribeRequest {
+                name: Arc::from(name),
+                generation: 1,
+            })
+        };
+        let unsubscribe = |name: &str| UpstreamRequest::Unsubscribe(Arc::from(name));
+        let requests = vec![
+            subscribe("a"),
+            subscribe("b"),
+            unsubscribe("a"),
+            unsubscribe("c"),
+            subscribe("a"),
+        ];
+        let summary: Vec<String> = commands_in_order(requests)
+            .iter()
+            .map(|command| match command {
+                Command::Subscribe(run) => {
+                    let names: Vec<&str> = run.iter().map(|r| &*r.name).collect();
+                    format!("SUBSCRIBE {}", names.join(" "))
+                }
+                Command::Unsubscribe(run) => {
+                    let names: Vec<&str> = run.iter().map(|n| &**n).collect();
+                    format!("UNSUBSCRIBE {}", names.join(" "))
+                }
+                Command::Ping => "PING".to_string(),
+            })
+            .collect();
+        assert_eq!(summary, ["SUBSCRIBE a b", "UNSUBSCRIBE a c", "SUBSCRIBE a"]);
     }
 }

@@ -41,6 +41,7 @@ const DOCUMENTED: &[&str] = &[
     "ssehub_redis_up",
     "ssehub_redis_reconnects_total",
     "ssehub_redis_channels",
+    "ssehub_channels_evicted_total",
     "ssehub_history_events",
     "ssehub_history_bytes",
     "ssehub_history_evicted_total",

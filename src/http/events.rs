@@ -69,7 +69,10 @@ impl EventsEndpoint {
         let admitted = self.admission.admit(peer, request.headers())?;
         let resume_from = resume_id(request.headers(), query.last_event_id.as_deref());
 
-        let lease = self.hub.acquire(&query.channels);
+        let lease = self
+            .hub
+            .acquire(&query.channels)
+            .map_err(|full| ApiError::Overloaded(full.to_string()))?;
         let wait = Duration::from_secs(self.settings.redis.subscribe_timeout_secs);
         if !self.hub.wait_subscribed(&lease, wait).await {
             return Err(ApiError::Unavailable(

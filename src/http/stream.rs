@@ -447,7 +447,7 @@ mod tests {
     use super::*;
     use crate::config::Settings;
     use crate::http::admission::Admission;
-    use crate::hub::{SubscribeRequest, PIECE_MAX_ENTRIES};
+    use crate::hub::{UpstreamRequest, PIECE_MAX_ENTRIES};
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -491,7 +491,7 @@ mod tests {
         }
     }
 
-    fn hub_with_capacity(capacity: usize) -> (Arc<Hub>, mpsc::UnboundedReceiver<SubscribeRequest>) {
+    fn hub_with_capacity(capacity: usize) -> (Arc<Hub>, mpsc::UnboundedReceiver<UpstreamRequest>) {
         let mut settings = Settings::default();
         settings.history.capacity = capacity;
         Hub::new(&settings)
@@ -500,17 +500,10 @@ mod tests {
     /// Leases `names`, confirming them as the upstream task would.
     fn lease(
         hub: &Arc<Hub>,
-        requests: &mut mpsc::UnboundedReceiver<SubscribeRequest>,
+        requests: &mut mpsc::UnboundedReceiver<UpstreamRequest>,
         names: &[&str],
     ) -> Lease {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let lease = hub.acquire(&names);
-        let mut confirmed = Vec::new();
-        while let Ok(request) = requests.try_recv() {
-            confirmed.push(request);
-        }
-        hub.mark_subscribed(&confirmed);
-        lease
+        crate::hub::testing::lease_confirmed(hub, requests, names).expect("under the cap")
     }
 
     /// Opens a stream resuming from `position`.

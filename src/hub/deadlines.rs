@@ -76,6 +76,21 @@ impl<T> Deadlines<T> {
         due
     }
 
+    /// Removes and returns the soonest ticket, due or not, as `(due, target)`.
+    pub(super) fn pop_soonest(&mut self) -> Option<(Instant, T)> {
+        self.heap
+            .pop()
+            .map(|Reverse(ticket)| (ticket.due, ticket.target))
+    }
+
+    /// Gives back the queue's spare room once it holds a small part of what it once held, so a
+    /// burst of tickets does not keep its memory after the burst.
+    pub(super) fn shrink_if_sparse(&mut self) {
+        if super::is_sparse(self.heap.len(), self.heap.capacity()) {
+            self.heap.shrink_to(2 * self.heap.len());
+        }
+    }
+
     /// Number of tickets held.
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
@@ -105,5 +120,17 @@ mod tests {
         assert_eq!(deadlines.len(), 1);
         assert_eq!(deadlines.take_due(at(60)), vec!["five"]);
         assert_eq!(deadlines.len(), 0);
+    }
+
+    #[test]
+    fn pop_soonest_takes_tickets_before_they_are_due() {
+        let start = Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        let mut deadlines = Deadlines::default();
+        deadlines.schedule(at(9), "nine");
+        deadlines.schedule(at(2), "two");
+        assert_eq!(deadlines.pop_soonest(), Some((at(2), "two")));
+        assert_eq!(deadlines.pop_soonest(), Some((at(9), "nine")));
+        assert_eq!(deadlines.pop_soonest(), None);
     }
 }

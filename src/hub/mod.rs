@@ -9,6 +9,11 @@
 //!
 //! Positions are global: one counter orders the events of all channels, so a single id is a
 //! complete resume point for a stream over several channels.
+//!
+//! The hub holds at most `channels.max_total` channels. A request that needs new channels
+//! beyond that frees lingering ones (no reader left) early, oldest idle first, and is refused
+//! whole when too few are lingering: every channel costs a Redis subscription and memory, so
+//! a client naming fresh channels must not be able to make the gateway hold them without bound.
 
 mod deadlines;
 mod ring;
@@ -35,7 +40,17 @@ pub(crate) use wakers::DrainWatch;
 pub(crate) use wakers::Registration;
 use wakers::WakerSet;
 
-/// A request from the hub to the upstream task: subscribe to a newly wanted channel.
+/// What the hub asks of the upstream task, carried out in the order sent: an UNSUBSCRIBE of a
+/// channel freed early must reach Redis before the SUBSCRIBE of the same name wanted again.
+#[derive(Debug)]
+pub enum UpstreamRequest {
+    /// Subscribe to a newly wanted channel.
+    Subscribe(SubscribeRequest),
+    /// Unsubscribe a channel freed early to stay within `channels.max_total`.
+    Unsubscribe(Arc<str>),
+}
+
+/// A request to subscribe to a newly wanted channel.
 #[derive(Debug)]
 pub struct SubscribeRequest {
     /// Channel name.
@@ -83,6 +98,14 @@ impl DropReason {
     }
 }
 
+/// A request was refused because it needs more new channels than the hub can make room for
+/// under `channels.max_total` (every other channel has a reader).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the gateway holds its maximum number of channels and too few of them are idle; retry later"
+)]
+pub struct ChannelLimitReached;
+
 /// Bounds of each channel's history.
 #[derive(Clone, Copy, Debug)]
 struct HistoryLimits {
@@ -101,19 +124,33 @@ pub struct Hub {
     /// is visible in its ring.
     head: AtomicU64,
     channels: Mutex<HashMap<Arc<str>, Slot>>,
-    /// When channels whose readers all left are due to be freed (see `deadlines`). Locked
-    /// after `channels` is released, never while it is held.
+    /// When channels whose readers all left are due to be freed (see `deadlines`), soonest
+    /// first, which is also oldest idle first: the order channels are freed early in when the
+    /// cap is reached. May be locked while `channels` is held, never the other way round.
     lingering: Mutex<Deadlines<ChannelKey>>,
     /// When the oldest history entry of channels will pass `max_age` (see `deadlines`). May be
     /// locked while a channel's state is held, never the other way round.
     expiries: Mutex<Deadlines<Weak<Channel>>>,
-    /// Sends subscription requests to the upstream task; closed when the hub is dropped.
-    subscribe_requests: mpsc::UnboundedSender<SubscribeRequest>,
+    /// Sends (un)subscription requests to the upstream task; closed when the hub is dropped.
+    /// Sent while `channels` is held, so requests for one name are queued in map order.
+    upstream_requests: mpsc::UnboundedSender<UpstreamRequest>,
     /// True while the Redis subscription connection is up; the upstream task is the writer.
     upstream_up: watch::Sender<bool>,
     limits: HistoryLimits,
+    /// `channels.max_total`: most channels held at once.
+    max_channels: usize,
+    /// What the cap did since it was last logged (the log is rate limited).
+    cap_log: Mutex<CapLog>,
     event_type_field: String,
     next_generation: AtomicU64,
+}
+
+/// Counts of the cap's effects, logged at most once per [`CAP_LOG_INTERVAL`].
+#[derive(Debug, Default)]
+struct CapLog {
+    last_logged: Option<Instant>,
+    evicted: u64,
+    refused: u64,
 }
 
 #[derive(Debug)]
@@ -169,18 +206,29 @@ enum Status {
 
 /// How often a channel may log dropped payloads.
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the channel cap may log that it bit.
+const CAP_LOG_INTERVAL: Duration = Duration::from_secs(5);
+/// Below this capacity the channel map and the lingering queue are never shrunk.
+const MIN_SHRINK_CAPACITY: usize = 1024;
+
+/// Whether a collection of `len` entries with room for `capacity` should give room back:
+/// collections never shrink by themselves, so after a burst of channels (a flood of fresh names)
+/// their peak-sized tables would stay allocated for good.
+fn is_sparse(len: usize, capacity: usize) -> bool {
+    capacity > MIN_SHRINK_CAPACITY && capacity > 4 * len
+}
 
 impl Hub {
     /// Creates the hub and the receiving end of its subscription requests (for the upstream).
-    pub fn new(settings: &Settings) -> (Arc<Hub>, mpsc::UnboundedReceiver<SubscribeRequest>) {
-        let (subscribe_requests, requests) = mpsc::unbounded_channel();
+    pub fn new(settings: &Settings) -> (Arc<Hub>, mpsc::UnboundedReceiver<UpstreamRequest>) {
+        let (upstream_requests, requests) = mpsc::unbounded_channel();
         let hub = Hub {
             epoch: Epoch::random(),
             head: AtomicU64::new(0),
             channels: Mutex::new(HashMap::new()),
             lingering: Mutex::new(Deadlines::default()),
             expiries: Mutex::new(Deadlines::default()),
-            subscribe_requests,
+            upstream_requests,
             upstream_up: watch::Sender::new(false),
             limits: HistoryLimits {
                 capacity: settings.history.capacity,
@@ -188,6 +236,8 @@ impl Hub {
                 max_age: Duration::from_secs(settings.history.max_age_secs),
                 linger: Duration::from_secs(settings.history.linger_secs),
             },
+            max_channels: settings.channels.max_total,
+            cap_log: Mutex::new(CapLog::default()),
             event_type_field: settings.sse.event_type_field.clone(),
             next_generation: AtomicU64::new(1),
         };
@@ -214,10 +264,23 @@ impl Hub {
         self.channels.lock().len()
     }
 
-    /// Registers a reader on `names`, creating and requesting subscriptions where needed.
-    pub fn acquire(self: &Arc<Self>, names: &[String]) -> Lease {
-        let mut channels = Vec::with_capacity(names.len());
+    /// Registers a reader on `names` (distinct), creating and requesting subscriptions where
+    /// needed. When that would hold more than `channels.max_total` channels, lingering ones are
+    /// freed first, oldest idle first; if too few are lingering nothing changes and the request
+    /// is refused.
+    pub fn acquire(self: &Arc<Self>, names: &[String]) -> Result<Lease, ChannelLimitReached> {
         let mut map = self.channels.lock();
+        let new = names
+            .iter()
+            .filter(|name| !map.contains_key(name.as_str()))
+            .count();
+        let excess = (map.len() + new).saturating_sub(self.max_channels);
+        if excess > 0 && !self.free_oldest_idle(&mut map, excess, names) {
+            drop(map);
+            self.note_cap(0, 1);
+            return Err(ChannelLimitReached);
+        }
+        let mut channels = Vec::with_capacity(names.len());
         for name in names {
             let slot = match map.get_mut(name.as_str()) {
                 Some(slot) => slot,
@@ -236,10 +299,102 @@ impl Hub {
             channels.push(slot.channel.clone());
         }
         drop(map);
-        Lease {
+        if excess > 0 {
+            crate::metrics::channels_evicted(excess);
+            self.note_cap(excess, 0);
+        }
+        Ok(Lease {
             hub: self.clone(),
             channels,
+        })
+    }
+
+    /// Frees `count` lingering channels, oldest idle first, sparing the channels in `wanted`
+    /// (the request about to read them), and queues their UNSUBSCRIBEs. Frees none and returns
+    /// false when fewer than `count` are lingering, so a refused request changes nothing.
+    ///
+    /// The lingering queue is ordered by `idle_since + linger`, oldest idle first. Its tickets
+    /// may be stale: the channel was freed, is read again (dropped here; its next release makes
+    /// a new ticket) or was read and left again since (the ticket is early: it goes back with
+    /// the right due time). No ticket is ever late, so the first ticket found to be exact is
+    /// the oldest idle channel. Each stale ticket is handled once, so the cost stays in
+    /// proportion to the channels freed and releases made, not to the channels held.
+    fn free_oldest_idle(
+        &self,
+        map: &mut HashMap<Arc<str>, Slot>,
+        count: usize,
+        wanted: &[String],
+    ) -> bool {
+        let mut lingering = self.lingering.lock();
+        let mut chosen = Vec::with_capacity(count);
+        let mut spared = Vec::new();
+        while chosen.len() < count {
+            let Some((due, key)) = lingering.pop_soonest() else {
+                break;
+            };
+            let Some(slot) = map
+                .get_mut(&key.name)
+                .filter(|slot| slot.channel.generation == key.generation)
+            else {
+                continue;
+            };
+            let idle_due = slot
+                .idle_since
+                .filter(|_| slot.leases == 0)
+                .and_then(|since| since.checked_add(self.limits.linger));
+            match idle_due {
+                None => slot.linger_scheduled = false,
+                Some(idle_due) if idle_due > due => lingering.schedule(idle_due, key),
+                Some(_) if wanted.iter().any(|name| **name == *key.name) => spared.push((due, key)),
+                Some(_) => chosen.push((due, key)),
+            }
         }
+        let made_room = chosen.len() == count;
+        if !made_room {
+            spared.append(&mut chosen);
+        }
+        for (due, key) in spared {
+            lingering.schedule(due, key);
+        }
+        drop(lingering);
+        for (_, key) in chosen {
+            map.remove(&key.name);
+            // A gone upstream task means shutdown: nothing left to unsubscribe from.
+            let _ = self
+                .upstream_requests
+                .send(UpstreamRequest::Unsubscribe(key.name));
+        }
+        made_room
+    }
+
+    /// Records that the cap freed `evicted` channels early or `refused` requests, and logs the
+    /// counts gathered since the last log at most once per [`CAP_LOG_INTERVAL`]: under a flood
+    /// the cap bites on every request.
+    fn note_cap(&self, evicted: usize, refused: u64) {
+        let now = Instant::now();
+        let mut log = self.cap_log.lock();
+        log.evicted += evicted as u64;
+        log.refused += refused;
+        if log
+            .last_logged
+            .is_some_and(|at| now.duration_since(at) < CAP_LOG_INTERVAL)
+        {
+            return;
+        }
+        let (evicted, refused) = (log.evicted, log.refused);
+        *log = CapLog {
+            last_logged: Some(now),
+            evicted: 0,
+            refused: 0,
+        };
+        drop(log);
+        tracing::warn!(
+            max_total = self.max_channels,
+            evicted,
+            refused,
+            "channel cap reached: idle channels freed early, requests refused when none was idle \
+             (channels.max_total; logged at most every 5 s)"
+        );
     }
 
     fn new_channel(&self, name: &str) -> Arc<Channel> {
@@ -247,10 +402,12 @@ impl Hub {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         // If the upstream task is gone the gateway is shutting down; the stream then times out
         // waiting for confirmation, which is the right answer.
-        let _ = self.subscribe_requests.send(SubscribeRequest {
-            name: name.clone(),
-            generation,
-        });
+        let _ = self
+            .upstream_requests
+            .send(UpstreamRequest::Subscribe(SubscribeRequest {
+                name: name.clone(),
+                generation,
+            }));
         Arc::new(Channel {
             name,
             generation,
@@ -267,8 +424,12 @@ impl Hub {
 
     fn release(&self, channels: &[Arc<Channel>]) {
         let now = Instant::now();
-        let mut newly_idle = Vec::new();
+        // No due time (a linger too long to represent) means the channel is never freed.
+        let due = now.checked_add(self.limits.linger);
         let mut map = self.channels.lock();
+        // Scheduled under the map lock, so a lingering channel always has its ticket when the
+        // cap looks for one to free.
+        let mut lingering = self.lingering.lock();
         for channel in channels {
             // A slot is only freed with no leases, so it is still this channel's; the check
             // keeps a future change to that rule from corrupting another incarnation's count.
@@ -281,22 +442,15 @@ impl Hub {
                     slot.idle_since = Some(now);
                     // A slot that still has a ticket (idle before, leased again meanwhile) is
                     // rescheduled from `idle_since` when that ticket comes due.
-                    if !slot.linger_scheduled {
+                    if let (false, Some(due)) = (slot.linger_scheduled, due) {
                         slot.linger_scheduled = true;
-                        newly_idle.push(ChannelKey {
+                        let key = ChannelKey {
                             name: channel.name.clone(),
                             generation: channel.generation,
-                        });
+                        };
+                        lingering.schedule(due, key);
                     }
                 }
-            }
-        }
-        drop(map);
-        // No due time (a linger too long to represent) means the channel is never freed.
-        if let Some(due) = now.checked_add(self.limits.linger) {
-            let mut lingering = self.lingering.lock();
-            for key in newly_idle {
-                lingering.schedule(due, key);
             }
         }
     }
@@ -519,13 +673,10 @@ impl Hub {
     }
 
     fn free_lingering(&self, now: Instant) -> Vec<Arc<str>> {
-        let due = self.lingering.lock().take_due(now);
-        if due.is_empty() {
-            return Vec::new();
-        }
-        let mut freed = Vec::new();
-        let mut still_idle = Vec::new();
         let mut map = self.channels.lock();
+        let mut lingering = self.lingering.lock();
+        let due = lingering.take_due(now);
+        let mut freed = Vec::new();
         for key in due {
             let Some(slot) = map
                 .get_mut(&key.name)
@@ -548,15 +699,15 @@ impl Hub {
                 // Leased and left again since the ticket was made: wait from the last release.
                 Some(free_at) => {
                     slot.linger_scheduled = true;
-                    still_idle.push((free_at, key));
+                    lingering.schedule(free_at, key);
                 }
                 None => {}
             }
         }
-        drop(map);
-        let mut lingering = self.lingering.lock();
-        for (free_at, key) in still_idle {
-            lingering.schedule(free_at, key);
+        let held = map.len();
+        if !freed.is_empty() && is_sparse(held, map.capacity()) {
+            map.shrink_to(2 * held);
+            lingering.shrink_if_sparse();
         }
         freed
     }
@@ -743,34 +894,69 @@ fn cut_to_one_piece(items: &mut Vec<(usize, Entry)>, limit: u64) -> u64 {
     size.last_seq
 }
 
+/// Helpers for unit tests elsewhere in the crate that need a hub with confirmed channels.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// Leases `names` and confirms every subscription requested so far, at one position, as
+    /// the upstream task would.
+    pub(crate) fn lease_confirmed(
+        hub: &Arc<Hub>,
+        requests: &mut mpsc::UnboundedReceiver<UpstreamRequest>,
+        names: &[&str],
+    ) -> Result<Lease, ChannelLimitReached> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let lease = hub.acquire(&names)?;
+        let mut confirmed = Vec::new();
+        while let Ok(request) = requests.try_recv() {
+            if let UpstreamRequest::Subscribe(request) = request {
+                confirmed.push(request);
+            }
+        }
+        hub.mark_subscribed(&confirmed);
+        Ok(lease)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    type Requests = mpsc::UnboundedReceiver<UpstreamRequest>;
+
     /// A hub with the given history limits, in seconds.
-    fn hub(
-        max_age_secs: u64,
-        linger_secs: u64,
-    ) -> (Arc<Hub>, mpsc::UnboundedReceiver<SubscribeRequest>) {
+    fn hub(max_age_secs: u64, linger_secs: u64) -> (Arc<Hub>, Requests) {
+        capped_hub(max_age_secs, linger_secs, 100)
+    }
+
+    /// A hub holding at most `max_total` channels.
+    fn capped_hub(max_age_secs: u64, linger_secs: u64, max_total: usize) -> (Arc<Hub>, Requests) {
         let mut settings = Settings::default();
         settings.history.max_age_secs = max_age_secs;
         settings.history.linger_secs = linger_secs;
+        settings.channels.max_total = max_total;
         Hub::new(&settings)
     }
 
+    fn acquire(hub: &Arc<Hub>, names: &[&str]) -> Result<Lease, ChannelLimitReached> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        hub.acquire(&names)
+    }
+
+    /// The queued requests, as `+name` (subscribe) and `-name` (unsubscribe).
+    fn drain(requests: &mut Requests) -> Vec<String> {
+        std::iter::from_fn(|| requests.try_recv().ok())
+            .map(|request| match request {
+                UpstreamRequest::Subscribe(r) => format!("+{}", r.name),
+                UpstreamRequest::Unsubscribe(name) => format!("-{name}"),
+            })
+            .collect()
+    }
+
     /// Leases `name` and confirms its subscription, as the upstream task would.
-    fn subscribed(
-        hub: &Arc<Hub>,
-        requests: &mut mpsc::UnboundedReceiver<SubscribeRequest>,
-        name: &str,
-    ) -> Lease {
-        let lease = hub.acquire(&[name.to_string()]);
-        let mut confirmed = Vec::new();
-        while let Ok(request) = requests.try_recv() {
-            confirmed.push(request);
-        }
-        hub.mark_subscribed(&confirmed);
-        lease
+    fn subscribed(hub: &Arc<Hub>, requests: &mut Requests, name: &str) -> Lease {
+        subscribed_all(hub, requests, &[name])
     }
 
     fn publish(hub: &Hub, name: &str) {
@@ -788,7 +974,7 @@ mod tests {
         drop(first);
         tokio::time::advance(Duration::from_secs(6)).await;
         // Read again and left again: the linger counts from this second departure.
-        drop(hub.acquire(&["orders".to_string()]));
+        drop(acquire(&hub, &["orders"]));
         tokio::time::advance(Duration::from_secs(6)).await;
         assert!(hub.sweep(Instant::now()).freed.is_empty());
         assert_eq!(hub.channel_count(), 1);
@@ -802,7 +988,7 @@ mod tests {
     async fn a_channel_with_a_reader_is_never_freed() {
         let (hub, mut requests) = hub(300, 10);
         let reader = subscribed(&hub, &mut requests, "orders");
-        drop(hub.acquire(&["orders".to_string()]));
+        drop(acquire(&hub, &["orders"]));
         tokio::time::advance(Duration::from_secs(60)).await;
         assert!(hub.sweep(Instant::now()).freed.is_empty());
         assert_eq!(hub.channel_count(), 1);
@@ -836,19 +1022,8 @@ mod tests {
     }
 
     /// Leases `names` and confirms them all at one position.
-    fn subscribed_all(
-        hub: &Arc<Hub>,
-        requests: &mut mpsc::UnboundedReceiver<SubscribeRequest>,
-        names: &[&str],
-    ) -> Lease {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let lease = hub.acquire(&names);
-        let mut confirmed = Vec::new();
-        while let Ok(request) = requests.try_recv() {
-            confirmed.push(request);
-        }
-        hub.mark_subscribed(&confirmed);
-        lease
+    fn subscribed_all(hub: &Arc<Hub>, requests: &mut Requests, names: &[&str]) -> Lease {
+        super::testing::lease_confirmed(hub, requests, names).expect("under the cap")
     }
 
     /// A Redis outage and recovery: one gap, at one new position, in every channel.
@@ -1035,12 +1210,64 @@ mod tests {
         let (hub, mut requests) = hub(300, 300);
         let _orders = subscribed(&hub, &mut requests, "orders");
         let _users = subscribed(&hub, &mut requests, "users");
-        let _pending = hub.acquire(&["pending".to_string()]);
+        let _pending = acquire(&hub, &["pending"]);
         publish(&hub, "orders");
         publish(&hub, "orders");
         publish(&hub, "users");
         let size = hub.measure();
         assert_eq!((size.events, size.subscribed), (3, 2));
         assert!(size.bytes > 3 * "payload".len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cap_frees_the_oldest_idle_channel_first() {
+        let (hub, mut requests) = capped_hub(300, 300, 3);
+        let a = subscribed(&hub, &mut requests, "a");
+        let b = subscribed(&hub, &mut requests, "b");
+        let c = subscribed(&hub, &mut requests, "c");
+        drop(a);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        drop(c);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        drop(b);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // Read and left again: "a" is now the newest idle, though its first ticket is oldest.
+        drop(acquire(&hub, &["a"]));
+
+        let _d = acquire(&hub, &["d"]).expect("room made");
+        assert_eq!(drain(&mut requests), ["-c", "+d"]);
+        let _e = acquire(&hub, &["e"]).expect("room made");
+        assert_eq!(drain(&mut requests), ["-b", "+e"]);
+        let _f = acquire(&hub, &["f"]).expect("room made");
+        assert_eq!(drain(&mut requests), ["-a", "+f"]);
+        assert_eq!(hub.channel_count(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cap_refuses_when_every_channel_has_a_reader() {
+        let (hub, mut requests) = capped_hub(300, 300, 2);
+        let _a = subscribed(&hub, &mut requests, "a");
+        let _b = subscribed(&hub, &mut requests, "b");
+        assert!(acquire(&hub, &["c"]).is_err());
+        // Channels already held need no room.
+        let _also_a = acquire(&hub, &["a", "b"]).expect("no new channel");
+        assert!(drain(&mut requests).is_empty());
+        assert_eq!(hub.channel_count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_cannot_fit_changes_nothing() {
+        let (hub, mut requests) = capped_hub(300, 300, 3);
+        let _a = subscribed(&hub, &mut requests, "a");
+        let _b = subscribed(&hub, &mut requests, "b");
+        drop(subscribed(&hub, &mut requests, "c"));
+        // Two new channels need two idle ones: "c" alone is not enough, and stays.
+        assert!(acquire(&hub, &["x", "y"]).is_err());
+        assert!(drain(&mut requests).is_empty());
+        assert_eq!(hub.channel_count(), 3);
+        // The idle channel a request asks for is read, not freed to make room for itself.
+        assert!(acquire(&hub, &["c", "x"]).is_err());
+        let _x = acquire(&hub, &["x"]).expect("room made");
+        assert_eq!(drain(&mut requests), ["-c", "+x"]);
     }
 }
