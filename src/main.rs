@@ -121,6 +121,12 @@ fn runtime_builder(worker_threads: usize) -> tokio::runtime::Builder {
 
 fn run(settings: Settings) -> ExitCode {
     init_logging(&settings);
+    // Every stream is a descriptor: take the whole hard limit the process was given (the soft
+    // limit is often 1,024). The public listener's connection cap is derived from the result.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "file descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
     let runtime = match runtime_builder(settings.server.worker_threads)
         .enable_all()
         .build()
