@@ -69,6 +69,14 @@ pub enum ConfigError {
     /// The file or the environment could not be read or parsed (unknown key, wrong type, ...).
     #[error("configuration: {0}")]
     Load(#[from] config::ConfigError),
+    /// A value from an environment variable could not be used; names the variable.
+    #[error("configuration from the environment variable {variable}: {message}")]
+    Environment {
+        /// The `SSEHUB__...` variable at fault.
+        variable: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// A value parsed but is not acceptable.
     #[error("configuration key `{key}`: {message}")]
     Invalid {
@@ -108,6 +116,7 @@ pub struct Settings {
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSettings {
     /// Address the SSE endpoint listens on.
+    #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// Seconds open streams and connections get to finish after a shutdown signal.
     pub shutdown_grace_secs: u64,
@@ -219,6 +228,16 @@ fn ip_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<IpAd
         .collect()
 }
 
+/// An `ip:port` address, with the value shown when it is not one.
+fn socket_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.trim().parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not an address of the form ip:port (e.g. 0.0.0.0:8080 or [::]:8080)"
+        ))
+    })
+}
+
 fn non_empty(key: &'static str, secret: String) -> Result<Option<String>, ConfigError> {
     if secret.is_empty() {
         return Err(invalid(key, "the secret is empty".to_string()));
@@ -258,6 +277,7 @@ pub struct LimitsSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct AdminSettings {
     /// Address of `/healthz`, `/readyz` and `/metrics`.
+    #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
 }
 
@@ -265,7 +285,7 @@ pub struct AdminSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSettings {
-    /// `redis://[user:password@]host:port[/db]` (or `rediss://`).
+    /// `redis://[user:password@]host:port[/db]` or `unix:///path/to/redis.sock`.
     pub url: String,
     /// Seconds allowed to open the connection.
     pub connect_timeout_secs: u64,
@@ -485,10 +505,11 @@ impl Settings {
                     .with_list_parse_key("channels.public")
                     .with_list_parse_key("server.cors_origins")
                     .with_list_parse_key("limits.trusted_proxies")
-                    .source(Some(env)),
+                    .source(Some(env.clone())),
             )
-            .build()?
-            .try_deserialize()?;
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(|e| name_the_variable(e, &env))?;
         settings.validated()
     }
 
@@ -499,8 +520,7 @@ impl Settings {
         for pattern in &self.channels.public {
             Pattern::parse(pattern).map_err(|message| invalid("channels.public", message))?;
         }
-        redis::Client::open(self.redis.url.as_str())
-            .map_err(|e| invalid("redis.url", format!("not a valid Redis URL: {e}")))?;
+        check_redis_url(&self.redis.url).map_err(|message| invalid("redis.url", message))?;
         if self.server.worker_threads > MAX_WORKER_THREADS {
             return Err(invalid(
                 "server.worker_threads",
@@ -608,6 +628,101 @@ impl Settings {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.server.shutdown_grace_secs)
     }
+}
+
+/// A loading error, naming the `SSEHUB__...` variable behind it when the key it is about was set
+/// from the environment (the environment wins over the file, so that is where the value came
+/// from).
+fn name_the_variable(error: config::ConfigError, env: &config::Map<String, String>) -> ConfigError {
+    let message = error.to_string();
+    let quoted_after = |marker: &str| {
+        let start = message.find(marker)? + marker.len();
+        let end = message[start..].find('`')?;
+        Some(message[start..start + end].to_string())
+    };
+    let key = quoted_after("for key `");
+    let unknown = quoted_after("unknown field `");
+    // The variable for `server.listen` is SSEHUB__SERVER__LISTEN; an unknown field is one level
+    // below its key (`server` + `lisen`), or a whole unknown section at the top.
+    let path: Vec<String> = key
+        .iter()
+        .flat_map(|key| key.split('.'))
+        .map(str::to_string)
+        .chain(unknown)
+        .collect();
+    if path.is_empty() {
+        return ConfigError::Load(error);
+    }
+    let wanted = format!("{ENV_PREFIX}__{}", path.join("__")).to_uppercase();
+    let variable = env.keys().find(|name| {
+        let name = name.to_uppercase();
+        name == wanted || name.starts_with(&format!("{wanted}__"))
+    });
+    match variable {
+        Some(variable) => ConfigError::Environment {
+            variable: variable.clone(),
+            message,
+        },
+        None => ConfigError::Load(error),
+    }
+}
+
+/// Checks a Redis URL the way the Redis client will read it, and says in words what is wrong
+/// (the client itself only says that the URL "did not parse"). Passwords are never echoed.
+pub fn check_redis_url(url: &str) -> Result<(), String> {
+    const EXPECTED: &str = "expected redis://[user:password@]host:port[/db]";
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!("`{}` is not a URL; {EXPECTED}", redact_url(url)));
+    };
+    match scheme {
+        "redis" | "valkey" => check_redis_authority(rest)?,
+        "unix" | "redis+unix" | "valkey+unix" => {}
+        "rediss" | "valkeys" => {
+            return Err(
+                "TLS to Redis (rediss://) is not supported by this build; use redis:// on a \
+                 private network"
+                    .to_string(),
+            )
+        }
+        other => {
+            return Err(format!(
+                "the scheme `{other}://` is not supported; {EXPECTED}"
+            ))
+        }
+    }
+    redis::Client::open(url)
+        .map(drop)
+        .map_err(|e| format!("not a valid Redis URL: {e}"))
+}
+
+/// The `[user:password@]host:port[/db]` part of a `redis://` URL.
+fn check_redis_authority(rest: &str) -> Result<(), String> {
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    // A bracketed IPv6 host may contain colons; the port follows the closing bracket.
+    let port_separator = match host_port.rfind(']') {
+        Some(bracket) => host_port[bracket..].find(':').map(|i| bracket + i),
+        None => host_port.rfind(':'),
+    };
+    let (host, port) = match port_separator {
+        Some(at) => (&host_port[..at], Some(&host_port[at + 1..])),
+        None => (host_port, None),
+    };
+    if host.is_empty() {
+        return Err("the URL names no host; expected redis://host:port[/db]".to_string());
+    }
+    if let Some(port) = port {
+        if !port.parse::<u16>().is_ok_and(|p| p > 0) {
+            return Err(format!("the port `{port}` is not a number from 1 to 65535"));
+        }
+    }
+    let db = path.trim_start_matches('/');
+    if !db.is_empty() && db.parse::<u32>().is_err() {
+        return Err(format!("the database `{db}` is not a number (e.g. /0)"));
+    }
+    Ok(())
 }
 
 /// `url` with any password replaced by `***`, for logging.
@@ -730,6 +845,50 @@ mod tests {
         );
         assert_eq!(redact_url("rediss://me:p@ss@host"), "rediss://me:***@host");
         assert!(!redact_url("redis://u:hunter2@h").contains("hunter2"));
+    }
+
+    #[test]
+    fn errors_from_the_environment_name_the_variable() {
+        let err = error_of("", &[("SSEHUB__SERVER__LISEN", "1")]);
+        assert!(err.contains("SSEHUB__SERVER__LISEN"), "{err}");
+        let err = error_of("", &[("SSEHUB__NONSENSE__X", "1")]);
+        assert!(err.contains("SSEHUB__NONSENSE__X"), "{err}");
+        let err = error_of("", &[("SSEHUB__SSE__RETRY_MS", "soon")]);
+        assert!(err.contains("SSEHUB__SSE__RETRY_MS"), "{err}");
+        // From the file: no variable to name.
+        let err = error_of("[server]\nlisen = 1\n", &[]);
+        assert!(!err.contains("SSEHUB__"), "{err}");
+    }
+
+    #[test]
+    fn bad_addresses_and_redis_urls_are_explained() {
+        let err = error_of("[server]\nlisten = \"nowhere\"\n", &[]);
+        assert!(
+            err.contains("`nowhere`") && err.contains("ip:port"),
+            "{err}"
+        );
+        for (url, words) in [
+            ("ftp://x", "scheme `ftp://`"),
+            ("nonsense", "is not a URL"),
+            ("redis://", "no host"),
+            ("redis://:secret@:6379", "no host"),
+            ("redis://h:notaport", "port `notaport`"),
+            ("redis://h:99999", "port `99999`"),
+            ("redis://h:1/abc", "database `abc`"),
+            ("rediss://h:1", "TLS"),
+        ] {
+            let message = check_redis_url(url).err().unwrap_or_default();
+            assert!(message.contains(words), "{url}: {message}");
+            assert!(!message.contains("secret"), "{message}");
+        }
+        for url in [
+            "redis://h:1/0",
+            "redis://u:p@[::1]:6379",
+            "redis://h",
+            "unix:///r.sock",
+        ] {
+            assert_eq!(check_redis_url(url), Ok(()), "{url}");
+        }
     }
 
     #[test]

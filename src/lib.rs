@@ -204,7 +204,7 @@ impl Gateway {
         let settings = Arc::new(settings.validated()?);
         let invalid = |key, message| config::ConfigError::Invalid { key, message };
         let redis = redis::Client::open(settings.redis.url.as_str())
-            .map_err(|e| invalid("redis.url", e.to_string()))?;
+            .map_err(|e| invalid("redis.url", format!("not a valid Redis URL: {e}")))?;
         let public = channels::PublicChannels::new(&settings.channels.public)
             .map_err(|e| invalid("channels.public", e))?;
         let authorizer = auth::Authorizer::new(public, &settings.auth)?;

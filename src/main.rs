@@ -80,7 +80,13 @@ fn print_token(
         .auth
         .secret()
         .map_err(|e| e.to_string())
-        .and_then(|secret| secret.ok_or_else(|| "auth.jwt_secret is not configured".to_string()))
+        .and_then(|secret| {
+            secret.ok_or_else(|| {
+                "no secret to sign with: set SSEHUB__AUTH__JWT_SECRET=<secret>, or auth.jwt_secret \
+                 or auth.jwt_secret_file in the configuration file (--config)"
+                    .to_string()
+            })
+        })
         .and_then(|secret| {
             ssehub::auth::mint_token(&secret, channels, sub.as_deref(), Duration::from_secs(ttl))
         });
@@ -153,8 +159,11 @@ fn run(settings: Settings) -> ExitCode {
         Ok(ExitCode::SUCCESS)
     });
     result.unwrap_or_else(|e: ssehub::RunError| {
-        tracing::error!("{e}");
-        eprintln!("ssehub: {e}");
+        // Said once: a task failure was already logged with its cause while draining; a
+        // start-up error goes to stderr, where the operator who started the process looks.
+        if let ssehub::RunError::Start(_) = e {
+            eprintln!("ssehub: {e}");
+        }
         match e {
             // Configuration problems exit like those found while loading: 2.
             ssehub::RunError::Start(ssehub::StartError::Config(_)) => ExitCode::from(2),

@@ -1,0 +1,107 @@
+//! Start-up errors say where the bad value came from and what is wrong with it, once.
+
+mod support;
+
+use std::process::Output;
+
+/// Runs the binary with an empty configuration file, `args` and `env` only.
+fn run(args: &[&str], env: &[(&str, &str)]) -> support::TestResult<Output> {
+    let dir = std::env::temp_dir().join(format!("ssehub-startup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join(format!("{}.toml", rand_suffix()));
+    std::fs::write(&config, "")?;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ssehub"));
+    command.arg("--config").arg(&config).args(args).env_clear();
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output();
+    let _ = std::fs::remove_file(&config);
+    let _ = std::fs::remove_dir(&dir);
+    Ok(output?)
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn errors_name_the_variable_the_value_and_the_problem() -> support::TestResult {
+    let cases: [(&str, &str, &[&str]); 4] = [
+        (
+            "SSEHUB__SERVER__LISEN",
+            "1",
+            &["SSEHUB__SERVER__LISEN", "lisen"],
+        ),
+        (
+            "SSEHUB__SERVER__LISTEN",
+            "nowhere",
+            &["SSEHUB__SERVER__LISTEN", "`nowhere`"],
+        ),
+        (
+            "SSEHUB__REDIS__URL",
+            "ftp://x",
+            &["redis.url", "scheme `ftp://`"],
+        ),
+        (
+            "SSEHUB__REDIS__URL",
+            "redis://:hunter2@h:port",
+            &["redis.url", "port `port`"],
+        ),
+    ];
+    for (variable, value, expected) in cases {
+        let output = run(&[], &[(variable, value)])?;
+        assert_eq!(output.status.code(), Some(2), "{variable}={value}");
+        let stderr = stderr(&output);
+        for words in expected {
+            assert!(stderr.contains(words), "{variable}={value}: {stderr}");
+        }
+        assert!(!stderr.contains("InvalidClientConfig"), "{stderr}");
+        assert!(!stderr.contains("hunter2"), "{stderr}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_port_in_use_is_reported_once() -> support::TestResult {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = taken.local_addr()?.to_string();
+    let output = run(
+        &[],
+        &[
+            ("SSEHUB__SERVER__LISTEN", &addr),
+            ("SSEHUB__ADMIN__LISTEN", "127.0.0.1:0"),
+        ],
+    )?;
+    assert_eq!(output.status.code(), Some(1));
+    let everything = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        stderr(&output)
+    );
+    assert_eq!(
+        everything.matches("Address already in use").count(),
+        1,
+        "{everything}"
+    );
+    assert!(everything.contains(&addr) && everything.contains("server.listen"));
+    Ok(())
+}
+
+#[test]
+fn the_token_command_says_how_to_set_a_secret() -> support::TestResult {
+    let output = run(&["token", "--channel", "a"], &[])?;
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("SSEHUB__AUTH__JWT_SECRET"),
+        "{}",
+        stderr(&output)
+    );
+    Ok(())
+}
