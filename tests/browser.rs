@@ -3,7 +3,7 @@
 //! binary and a `redis-server`, publishing with `redis-cli`. The scenarios live in
 //! `tests/browser/run.mjs`; this test runs them and fails when any of them fails.
 //!
-//! Needs Node.js 20+, `npm ci --prefix tests/browser`, Chromium at `/usr/bin/chromium` (Debian
+//! Needs Node.js 18+, `npm ci --prefix tests/browser`, Chromium at `/usr/bin/chromium` (Debian
 //! package `chromium`; another path via `CHROMIUM`), `redis-server` and `redis-cli`.
 //! `SSEHUB_UPDATE_SCREENSHOT=1` rewrites `docs/demo.png`, the README's demo page screenshot.
 
@@ -23,6 +23,23 @@ fn chromium() -> PathBuf {
     std::env::var_os("CHROMIUM")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"))
+}
+
+/// A directory under the temporary directory, removed on drop (also when the test fails).
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn create(name: &str) -> std::io::Result<ScratchDir> {
+        let path = std::env::temp_dir().join(name);
+        std::fs::create_dir_all(&path)?;
+        Ok(ScratchDir(path))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Copies `stream` line by line to stderr (visible with `--nocapture`) and returns it all.
@@ -59,12 +76,11 @@ fn browser_and_independent_client_scenarios_pass() -> Result<(), Box<dyn Error>>
         .into());
     }
 
-    let scratch = std::env::temp_dir().join(format!("ssehub-browser-test-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch)?;
+    let scratch = ScratchDir::create(&format!("ssehub-browser-test-{}", std::process::id()))?;
     let screenshot = if std::env::var("SSEHUB_UPDATE_SCREENSHOT").as_deref() == Ok("1") {
         repo.join("docs").join("demo.png")
     } else {
-        scratch.join("demo.png")
+        scratch.0.join("demo.png")
     };
 
     let mut child = Command::new("node")
@@ -77,7 +93,7 @@ fn browser_and_independent_client_scenarios_pass() -> Result<(), Box<dyn Error>>
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run `node` (install Node.js 20+): {e}"))?;
+        .map_err(|e| format!("cannot run `node` (install Node.js 18+): {e}"))?;
     let stdout = echo(child.stdout.take().ok_or("no stdout pipe")?);
     let stderr = echo(child.stderr.take().ok_or("no stderr pipe")?);
 
@@ -95,7 +111,6 @@ fn browser_and_independent_client_scenarios_pass() -> Result<(), Box<dyn Error>>
     };
     let output = stdout.join().map_err(|_| "stdout reader panicked")?;
     let errors = stderr.join().map_err(|_| "stderr reader panicked")?;
-    std::fs::remove_dir_all(&scratch).ok();
 
     let status = status.ok_or_else(|| format!("run.mjs still running after {LIMIT:?}: killed"))?;
     assert!(

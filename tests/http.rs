@@ -127,8 +127,7 @@ fn run_binary(args: &[&str], env: &[(&str, &str)]) -> TestResult<std::process::O
 
 #[test]
 fn bad_configuration_stops_start_up_naming_the_key() -> TestResult {
-    let dir = std::env::temp_dir().join(format!("ssehub-http-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = ScratchDir::create(&format!("ssehub-http-test-{}", std::process::id()))?;
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
     let cases: [Case; 5] = [
         ("[server]\nlisten = \"not an address\"\n", &[], "listen"),
@@ -143,7 +142,7 @@ fn bad_configuration_stops_start_up_naming_the_key() -> TestResult {
         ),
     ];
     for (toml, env, key) in cases {
-        let path = dir.join("config.toml");
+        let path = dir.0.join("config.toml");
         std::fs::write(&path, toml)?;
         let path = path.to_string_lossy().into_owned();
         let output = run_binary(&["--config", &path], env)?;
@@ -153,8 +152,24 @@ fn bad_configuration_stops_start_up_naming_the_key() -> TestResult {
     }
     let output = run_binary(&["--config", "/nonexistent/ssehub.toml"], &[])?;
     assert!(!output.status.success());
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
+}
+
+/// A directory under the temporary directory, removed on drop (also when the test fails).
+struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    fn create(name: &str) -> std::io::Result<ScratchDir> {
+        let path = std::env::temp_dir().join(name);
+        std::fs::create_dir_all(&path)?;
+        Ok(ScratchDir(path))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[tokio::test]

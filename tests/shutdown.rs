@@ -4,10 +4,13 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
@@ -19,13 +22,26 @@ struct Binary {
     child: Child,
     addr: SocketAddr,
     admin: SocketAddr,
+    /// Its (empty) configuration file, removed when the test ends, passed or failed.
+    _config: ScratchFile,
+}
+
+/// A file under the temporary directory, removed on drop (also when a test fails).
+struct ScratchFile(PathBuf);
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 async fn start_binary(redis: &TestRedis) -> TestResult<Binary> {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let config = std::env::temp_dir().join(format!("ssehub-shutdown-{}.toml", admin.port()));
-    std::fs::write(&config, "# all settings from the environment\n")?;
+    let config =
+        ScratchFile(std::env::temp_dir().join(format!("ssehub-shutdown-{}.toml", admin.port())));
+    // Every setting comes from the environment; the empty file keeps ./config.toml out.
+    std::fs::write(&config.0, "# all settings from the environment\n")?;
     let child = Command::new(env!("CARGO_BIN_EXE_ssehub"))
         .env_clear()
         .env("SSEHUB__REDIS__URL", redis.url())
@@ -42,12 +58,17 @@ async fn start_binary(redis: &TestRedis) -> TestResult<Binary> {
             GRACE_SECS.to_string(),
         )
         .arg("--config")
-        .arg(&config)
+        .arg(&config.0)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    let binary = Binary { child, addr, admin };
+    let binary = Binary {
+        child,
+        addr,
+        admin,
+        _config: config,
+    };
     eventually("the binary is ready", || async move {
         matches!(get(admin, "/readyz", &[]).await, Ok((200, _)))
     })
@@ -142,37 +163,83 @@ async fn sigterm_sends_every_client_a_spread_retry_and_exits_within_grace() -> T
     Ok(())
 }
 
+/// Events of 512 KiB published for [`stuck_stream`]: 20 MiB, several times what a loopback
+/// connection buffers (`net.ipv4.tcp_wmem` caps the gateway's send buffer at 4 MiB by default).
+const FLOOD_EVENTS: usize = 40;
+
+/// A stream on `channel` that cannot finish: its client reads up to the preamble, then never
+/// again, while the stream has 20 MiB queued for it. The drain then lasts the whole grace
+/// period, since the stream's final `retry:` stays behind bytes the socket never takes.
+///
+/// Nothing here depends on timing. The flood is published and received first, then the stuck
+/// client resumes from before it: the stream queues the whole replay when it opens, ahead of
+/// its preamble being sent, so once the client has read the preamble every byte of the flood is
+/// queued. (Flooding a stream that is already open races with the shutdown: a stream not yet
+/// woken for the flood when draining starts sends its `retry:` and ends at once.) The client
+/// also asks for a tiny receive buffer, so how much the kernel takes off the gateway's hands
+/// does not depend on the machine's TCP buffer settings.
+async fn stuck_stream(binary: &Binary, redis: &TestRedis, channel: &str) -> TestResult<TcpStream> {
+    let path = format!("/events?channel={channel}");
+    let (status, mut first) = SseClient::open(binary.addr, &path, &[]).await?;
+    assert_eq!(status, 200);
+    let before_flood = first.next_block().await?.id.ok_or("preamble without id")?;
+    let big = "x".repeat(512 * 1024);
+    for _ in 0..FLOOD_EVENTS {
+        let receivers = redis.publish(channel, &big).await?;
+        assert_eq!(receivers, 1, "the gateway is subscribed to {channel}");
+    }
+    let admin = binary.admin;
+    eventually("the gateway received the flood", || async move {
+        matches!(metric(admin, "ssehub_events_received_total").await,
+            Ok(received) if received >= FLOOD_EVENTS as f64)
+    })
+    .await?;
+    drop(first);
+
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let mut stuck = socket.connect(binary.addr).await?;
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nLast-Event-ID: {before_flood}\r\n\r\n");
+    stuck.write_all(request.as_bytes()).await?;
+    let mut head = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while !String::from_utf8_lossy(&head).contains("retry:") {
+            let mut buf = [0u8; 1024];
+            match stuck.read(&mut buf).await? {
+                0 => return Err("the stream closed before its preamble".into()),
+                n => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        TestResult::Ok(())
+    })
+    .await
+    .map_err(|_| "no stream preamble")??;
+    Ok(stuck)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_fails_as_soon_as_draining_starts() -> TestResult {
     let redis = TestRedis::start().await?;
     let mut binary = start_binary(&redis).await?;
-    // A client that never reads: once its socket buffers fill, its stream cannot finish, so
-    // the drain lasts until the grace period ends.
-    let stuck = tokio::net::TcpStream::connect(binary.addr).await?;
-    {
-        use tokio::io::AsyncWriteExt;
-        let mut stuck = stuck;
-        stuck
-            .write_all(b"GET /events?channel=flood HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await?;
-        let big = "x".repeat(512 * 1024);
-        for _ in 0..40 {
-            redis.publish("flood", &big).await?;
-        }
-        sigterm(&binary.child).await?;
-        let admin = binary.admin;
-        eventually("/readyz answers 503 while draining", || async move {
-            matches!(get(admin, "/readyz", &[]).await, Ok((503, body)) if body.contains("draining"))
-        })
-        .await?;
-        // The admin listener is still up (liveness answers) until the process exits.
-        let (health, _) = get(binary.admin, "/healthz", &[]).await?;
-        assert_eq!(health, 200);
-        let status = tokio::time::timeout(Duration::from_secs(GRACE_SECS + 3), binary.child.wait())
-            .await
-            .map_err(|_| "no exit after the grace period")??;
-        assert!(status.success());
-        drop(stuck);
-    }
+    // Holds the drain open for the whole grace period, so the checks below run while draining.
+    let stuck = stuck_stream(&binary, &redis, "flood").await?;
+    sigterm(&binary.child).await?;
+    let admin = binary.admin;
+    eventually("/readyz answers 503 while draining", || async move {
+        matches!(get(admin, "/readyz", &[]).await, Ok((503, body)) if body.contains("draining"))
+    })
+    .await?;
+    // The admin listener is still up (liveness answers) until the process exits.
+    let (health, _) = get(binary.admin, "/healthz", &[]).await?;
+    assert_eq!(health, 200);
+    let status = tokio::time::timeout(
+        PATIENCE + Duration::from_secs(GRACE_SECS),
+        binary.child.wait(),
+    )
+    .await
+    .map_err(|_| "no exit after the grace period")??;
+    assert!(status.success());
+    drop(stuck);
     Ok(())
 }
