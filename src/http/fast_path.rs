@@ -212,6 +212,11 @@ fn encode_head(parts: &http::response::Parts, framing: Framing) -> Vec<u8> {
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
+    // As hyper does on the other path (RFC 9110 asks origin servers with a clock for it).
+    if !parts.headers.contains_key(http::header::DATE) {
+        let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+        head.extend_from_slice(format!("date: {date}\r\n").as_bytes());
+    }
     match framing {
         Framing::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n"),
         Framing::Length(length) => head.extend_from_slice(
