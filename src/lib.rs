@@ -130,6 +130,13 @@ pub mod fuzzing {
         };
         crate::http::inspect_request(authorizer, epoch, 16, query, headers)
     }
+
+    /// Classifies the first bytes of a connection the way every plain-text connection is
+    /// classified before it is served (fast path, hyper, an error answer, or more bytes needed),
+    /// and for a fast-path request runs the routing that follows. Returns what was decided.
+    pub fn classify_head(bytes: &[u8]) -> &'static str {
+        crate::http::classify_head(bytes)
+    }
 }
 
 /// Asks the admin listener at `admin` for `/healthz`; `Ok` when it answers `200`. A listener on

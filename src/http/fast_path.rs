@@ -83,6 +83,22 @@ pub(crate) async fn sniff<S: AsyncRead + Unpin>(
     }
 }
 
+/// For fuzzing: what [`sniff`] decides for a connection starting with `bytes`. A fast-path
+/// request also goes through query parsing, as routing would.
+pub(crate) fn classify(bytes: &[u8]) -> &'static str {
+    let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 1));
+    match parse_head(bytes, peer, true) {
+        Parsed::Events(request) => match super::events::parse_query(request.uri().query(), 16) {
+            Ok(_) => "events",
+            Err(_) => "events: bad query",
+        },
+        Parsed::Other => "hyper",
+        Parsed::Malformed(ApiError::HeaderTooLarge) => "431",
+        Parsed::Malformed(_) => "400",
+        Parsed::Partial => "partial",
+    }
+}
+
 enum Parsed {
     Events(Box<Request<()>>),
     Other,

@@ -218,6 +218,11 @@ pub(crate) struct ServeOptions {
     builder: auto::Builder<TokioExecutor>,
 }
 
+/// For fuzzing: what the listener decides for a connection starting with `bytes`.
+pub(crate) fn classify_head(bytes: &[u8]) -> &'static str {
+    fast_path::classify(bytes)
+}
+
 /// Most connections the admin listener holds: enough for probes and scrapers, and part of the
 /// descriptors kept back from the public listener, so the admin listener always answers.
 pub(crate) const ADMIN_MAX_CONNECTIONS: usize = 64;
