@@ -213,7 +213,7 @@ impl Gateway {
 
         let metrics_handle = metrics::install();
         log_settings(&settings, public_options.connection_cap());
-        let (hub, subscribe_requests) = hub::Hub::new(&settings);
+        let (hub, subscribe_requests) = hub::Hub::new(hub::HubSettings::from(&*settings));
         let stop = CancellationToken::new();
         let drain = Arc::new(hub::Drain::default());
         let upstream = Supervised::spawn(

@@ -447,7 +447,7 @@ mod tests {
     use super::*;
     use crate::config::Settings;
     use crate::http::admission::Admission;
-    use crate::hub::{UpstreamRequest, PIECE_MAX_ENTRIES};
+    use crate::hub::{HubSettings, UpstreamRequest, PIECE_MAX_ENTRIES};
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -492,9 +492,10 @@ mod tests {
     }
 
     fn hub_with_capacity(capacity: usize) -> (Arc<Hub>, mpsc::UnboundedReceiver<UpstreamRequest>) {
-        let mut settings = Settings::default();
-        settings.history.capacity = capacity;
-        Hub::new(&settings)
+        Hub::new(HubSettings {
+            history_capacity: capacity,
+            ..crate::hub::testing::default_settings()
+        })
     }
 
     /// Leases `names`, confirming them as the upstream task would.

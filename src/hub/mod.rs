@@ -81,6 +81,36 @@ pub struct SubscribeRequest {
     pub generation: u64,
 }
 
+/// What the hub needs to know of the configuration, and nothing more.
+#[derive(Clone, Debug)]
+pub struct HubSettings {
+    /// `history.capacity`: most entries each channel's ring holds.
+    pub history_capacity: usize,
+    /// `history.max_age_secs`: entries older than this are evicted.
+    pub max_age: Duration,
+    /// `history.linger_secs`: how long a channel nobody reads is kept.
+    pub linger: Duration,
+    /// `limits.max_payload_bytes`: larger payloads are dropped.
+    pub max_payload_bytes: usize,
+    /// `channels.max_total`: most channels held at once.
+    pub max_channels: usize,
+    /// `sse.event_type_field`: the JSON field that names an event's SSE `event:` type.
+    pub event_type_field: String,
+}
+
+impl From<&Settings> for HubSettings {
+    fn from(settings: &Settings) -> Self {
+        HubSettings {
+            history_capacity: settings.history.capacity,
+            max_age: Duration::from_secs(settings.history.max_age_secs),
+            linger: Duration::from_secs(settings.history.linger_secs),
+            max_payload_bytes: settings.limits.max_payload_bytes,
+            max_channels: settings.channels.max_total,
+            event_type_field: settings.sse.event_type_field.clone(),
+        }
+    }
+}
+
 /// Bounds of each channel's history.
 #[derive(Clone, Copy, Debug)]
 struct HistoryLimits {
@@ -132,7 +162,7 @@ fn is_sparse(len: usize, capacity: usize) -> bool {
 
 impl Hub {
     /// Creates the hub and the receiving end of its subscription requests (for the upstream).
-    pub fn new(settings: &Settings) -> (Arc<Hub>, mpsc::UnboundedReceiver<UpstreamRequest>) {
+    pub fn new(settings: HubSettings) -> (Arc<Hub>, mpsc::UnboundedReceiver<UpstreamRequest>) {
         let (upstream_requests, requests) = mpsc::unbounded_channel();
         let hub = Hub {
             epoch: Epoch::random(),
@@ -143,14 +173,14 @@ impl Hub {
             upstream_requests,
             upstream_up: watch::Sender::new(false),
             limits: HistoryLimits {
-                capacity: settings.history.capacity,
-                max_payload_bytes: settings.limits.max_payload_bytes,
-                max_age: Duration::from_secs(settings.history.max_age_secs),
-                linger: Duration::from_secs(settings.history.linger_secs),
+                capacity: settings.history_capacity,
+                max_payload_bytes: settings.max_payload_bytes,
+                max_age: settings.max_age,
+                linger: settings.linger,
             },
-            max_channels: settings.channels.max_total,
+            max_channels: settings.max_channels,
             cap_log: Mutex::new(CapLog::default()),
-            event_type_field: settings.sse.event_type_field.clone(),
+            event_type_field: settings.event_type_field,
             next_generation: AtomicU64::new(1),
         };
         (Arc::new(hub), requests)
@@ -219,6 +249,11 @@ pub(crate) mod testing {
     /// The receiving end of a test hub's subscription requests.
     pub(crate) type Requests = mpsc::UnboundedReceiver<UpstreamRequest>;
 
+    /// The hub's share of the default configuration.
+    pub(crate) fn default_settings() -> HubSettings {
+        HubSettings::from(&Settings::default())
+    }
+
     /// A hub with the given history limits, in seconds.
     pub(crate) fn hub(max_age_secs: u64, linger_secs: u64) -> (Arc<Hub>, Requests) {
         capped_hub(max_age_secs, linger_secs, 100)
@@ -230,11 +265,12 @@ pub(crate) mod testing {
         linger_secs: u64,
         max_total: usize,
     ) -> (Arc<Hub>, Requests) {
-        let mut settings = Settings::default();
-        settings.history.max_age_secs = max_age_secs;
-        settings.history.linger_secs = linger_secs;
-        settings.channels.max_total = max_total;
-        Hub::new(&settings)
+        Hub::new(HubSettings {
+            max_age: Duration::from_secs(max_age_secs),
+            linger: Duration::from_secs(linger_secs),
+            max_channels: max_total,
+            ..default_settings()
+        })
     }
 
     /// Leases `names`, leaving their subscriptions unconfirmed.

@@ -132,9 +132,8 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
-    use crate::config::Settings;
-    use crate::hub::testing::{hub, publish, subscribed, subscribed_all};
-    use crate::hub::EntryKind;
+    use crate::hub::testing::{default_settings, hub, publish, subscribed, subscribed_all};
+    use crate::hub::{EntryKind, HubSettings};
 
     /// A Redis outage and recovery: one gap, at one new position, in every channel.
     fn outage(hub: &Hub) {
@@ -194,9 +193,10 @@ mod tests {
         assert!(bytes >= PIECE_MAX_BYTES && bytes < PIECE_MAX_BYTES + large.len() + 100);
         // A single entry larger than the bound is still a piece of one.
         let huge = "y".repeat(100 * 1024);
-        let mut settings = Settings::default();
-        settings.limits.max_payload_bytes = 200 * 1024;
-        let (hub, mut requests) = Hub::new(&settings);
+        let (hub, mut requests) = Hub::new(HubSettings {
+            max_payload_bytes: 200 * 1024,
+            ..default_settings()
+        });
         let lease = subscribed(&hub, &mut requests, "orders");
         let from = hub.head();
         hub.publish("orders", huge.as_bytes(), Instant::now());
@@ -279,9 +279,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_channel_whose_history_was_evicted_falls_off_in_a_piece() {
-        let mut settings = Settings::default();
-        settings.history.capacity = 100;
-        let (hub, mut requests) = Hub::new(&settings);
+        let (hub, mut requests) = Hub::new(HubSettings {
+            history_capacity: 100,
+            ..default_settings()
+        });
         let lease = subscribed_all(&hub, &mut requests, &["a", "b"]);
         let start = hub.head();
         for _ in 0..100 {
