@@ -21,6 +21,9 @@
 //! [`Gateway::start`] (every fallible set-up step) followed by [`Gateway::serve`] (supervision of
 //! the long-lived tasks until shutdown or failure).
 
+// Stricter than the workspace's `deny` (which bench/ loosens at one audited call).
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod channels;
 pub mod config;
