@@ -21,11 +21,8 @@ use http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::channels::{Pattern, PublicChannels};
+use crate::channels::{Pattern, PublicChannels, SUB_PLACEHOLDER};
 use crate::config::{AuthSettings, ConfigError};
-
-/// Placeholder in `auth.user_channel` replaced by the token's `sub`.
-pub const SUB_PLACEHOLDER: &str = "{sub}";
 
 /// Why a request may not read what it asked for.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

@@ -8,6 +8,11 @@
 /// Longest accepted channel name, in bytes.
 pub const MAX_CHANNEL_NAME_BYTES: usize = 256;
 
+/// Placeholder in `auth.user_channel`, the name of each user's personal channel, replaced by the
+/// token's `sub`. Kept with the channel names rather than in `auth`, so that the configuration
+/// (which checks the template) and authorization (which fills it in) need not import each other.
+pub const SUB_PLACEHOLDER: &str = "{sub}";
+
 /// Checks a requested channel name; the error says what is wrong.
 pub fn validate_name(name: &str) -> Result<(), String> {
     if name.is_empty() {

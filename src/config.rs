@@ -587,7 +587,7 @@ impl Settings {
             ));
         }
         if let Some(template) = &self.auth.user_channel {
-            if !template.contains(crate::auth::SUB_PLACEHOLDER) {
+            if !template.contains(crate::channels::SUB_PLACEHOLDER) {
                 return Err(invalid(
                     "auth.user_channel",
                     "must contain {sub}, e.g. \"user:{sub}\"".to_string(),

@@ -21,6 +21,9 @@
 //! [`Gateway::start`] (every fallible set-up step) followed by [`Gateway::serve`] (supervision of
 //! the long-lived tasks until shutdown or failure).
 
+// Stricter than the workspace's `deny` (which bench/ loosens at one audited call).
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod channels;
 pub mod config;
@@ -220,7 +223,7 @@ impl Gateway {
 
         let metrics_handle = metrics::install();
         log_settings(&settings, public_options.connection_cap());
-        let (hub, subscribe_requests) = hub::Hub::new(&settings);
+        let (hub, subscribe_requests) = hub::Hub::new(hub::HubSettings::from(&*settings));
         let stop = CancellationToken::new();
         let drain = Arc::new(hub::Drain::default());
         let upstream = Supervised::spawn(

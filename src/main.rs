@@ -1,5 +1,8 @@
 //! The `ssehub` binary: parse arguments, load configuration, set up logging, run until a signal.
 
+// Stricter than the workspace's `deny` (which bench/ loosens at one audited call).
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

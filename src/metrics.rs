@@ -15,6 +15,8 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::time::Instant;
 
+use crate::sse::ResetReason;
+
 /// Open SSE streams.
 pub const CONNECTIONS: &str = "ssehub_connections";
 /// SSE streams opened.
@@ -93,19 +95,31 @@ impl CloseReason {
     }
 }
 
-/// Outcomes of [`RESUMES`]: `replayed` plus every reset reason.
-pub const RESUME_OUTCOMES: [&str; 4] = [
-    "replayed",
-    "unknown_position",
-    "history_expired",
-    "upstream_interrupted",
-];
-/// Reasons of [`RESETS`].
-pub const RESET_REASONS: [&str; 3] = [
-    "unknown_position",
-    "history_expired",
-    "upstream_interrupted",
-];
+/// How a resume went (`outcome` label of [`RESUMES`]): `replayed`, or the reset it met.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResumeOutcome {
+    /// Everything the client missed was replayed.
+    Replayed,
+    /// The client got this reset instead of (part of) what it missed.
+    Reset(ResetReason),
+}
+
+impl ResumeOutcome {
+    const ALL: [ResumeOutcome; 4] = [
+        ResumeOutcome::Replayed,
+        ResumeOutcome::Reset(ResetReason::UnknownPosition),
+        ResumeOutcome::Reset(ResetReason::HistoryExpired),
+        ResumeOutcome::Reset(ResetReason::UpstreamInterrupted),
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            ResumeOutcome::Replayed => "replayed",
+            ResumeOutcome::Reset(reason) => reason.as_str(),
+        }
+    }
+}
+
 /// Statuses of [`REQUESTS_REJECTED`] the gateway can produce.
 pub const REJECTED_STATUSES: [u16; 8] = [400, 401, 403, 404, 405, 429, 431, 503];
 /// The listeners (`listener` label of the TCP connection series).
@@ -230,12 +244,12 @@ fn register_all() {
     counter!(BYTES_SENT).absolute(0);
     // Registering the histogram makes it render (with zero counts) before the first event.
     let _ = histogram!(FANOUT_LATENCY);
-    for outcome in RESUME_OUTCOMES {
-        counter!(RESUMES, "outcome" => outcome).absolute(0);
+    for outcome in ResumeOutcome::ALL {
+        counter!(RESUMES, "outcome" => outcome.label()).absolute(0);
     }
     counter!(EVENTS_REPLAYED).absolute(0);
-    for reason in RESET_REASONS {
-        counter!(RESETS, "reason" => reason).absolute(0);
+    for reason in ResetReason::ALL {
+        counter!(RESETS, "reason" => reason.as_str()).absolute(0);
     }
     gauge!(REDIS_UP).set(0.0);
     counter!(REDIS_RECONNECTS).absolute(0);
@@ -320,13 +334,13 @@ pub fn replayed_event_delivered() {
 }
 
 /// A resume's outcome became known (its replay was read, or the client left first).
-pub fn resumed(outcome: &'static str) {
-    counter!(RESUMES, "outcome" => outcome).increment(1);
+pub fn resumed(outcome: ResumeOutcome) {
+    counter!(RESUMES, "outcome" => outcome.label()).increment(1);
 }
 
 /// A `gateway.reset` was sent.
-pub fn reset_sent(reason: &'static str) {
-    counter!(RESETS, "reason" => reason).increment(1);
+pub fn reset_sent(reason: ResetReason) {
+    counter!(RESETS, "reason" => reason.as_str()).increment(1);
 }
 
 /// The Redis subscription connection went up or down.

@@ -170,13 +170,44 @@ pub fn encode_preamble(retry_ms: u64, id: EventId<'_>) -> Bytes {
     Bytes::from(format!("retry: {retry_ms}\nid: {id}\n\n"))
 }
 
+/// Why a `gateway.reset` was sent: its `reason` field, and the `reason` label of
+/// `ssehub_resets_total`. The strings are part of the public contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetReason {
+    /// The resume id is malformed, from another epoch, or ahead of the head.
+    UnknownPosition,
+    /// The ring no longer reaches back to the client's position.
+    HistoryExpired,
+    /// The Redis subscription was down; messages in that window are lost.
+    UpstreamInterrupted,
+}
+
+impl ResetReason {
+    /// Every reason, for registering metric series at zero.
+    pub const ALL: [ResetReason; 3] = [
+        ResetReason::UnknownPosition,
+        ResetReason::HistoryExpired,
+        ResetReason::UpstreamInterrupted,
+    ];
+
+    /// The wire and metric label spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResetReason::UnknownPosition => "unknown_position",
+            ResetReason::HistoryExpired => "history_expired",
+            ResetReason::UpstreamInterrupted => "upstream_interrupted",
+        }
+    }
+}
+
 /// Encodes a `gateway.reset` event for `channels`, positioned at `id`.
-pub fn encode_reset(id: EventId<'_>, reason: &str, channels: &[&str]) -> Bytes {
+pub fn encode_reset(id: EventId<'_>, reason: ResetReason, channels: &[&str]) -> Bytes {
     #[derive(serde::Serialize)]
     struct Reset<'a> {
         reason: &'a str,
         channels: &'a [&'a str],
     }
+    let reason = reason.as_str();
     // Serializing two strings cannot fail; the fallback only keeps the frame well-formed.
     let data = serde_json::to_string(&Reset { reason, channels })
         .unwrap_or_else(|_| format!("{{\"reason\":\"{reason}\"}}"));
@@ -365,7 +396,7 @@ mod tests {
 
     #[test]
     fn reset_lists_channels_as_json() {
-        let out = encode_reset(epoch().id(3), "history_expired", &["a", "b\"c"]);
+        let out = encode_reset(epoch().id(3), ResetReason::HistoryExpired, &["a", "b\"c"]);
         assert_eq!(
             String::from_utf8_lossy(&out),
             "id: e-3\nevent: gateway.reset\ndata: {\"reason\":\"history_expired\",\"channels\":[\"a\",\"b\\\"c\"]}\n\n"

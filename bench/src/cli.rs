@@ -11,7 +11,7 @@ use serde::Serialize;
 /// accounting from /proc. Prints one JSON document (see bench/README in BENCHMARKS.md).
 #[derive(Debug, Clone, Parser, Serialize)]
 #[command(name = "loadgen", version, about)]
-pub struct Args {
+pub(crate) struct Args {
     /// Server address, `host:port` (an `http://` prefix and a path are ignored).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub target: String,
@@ -101,7 +101,7 @@ pub struct Args {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Publish at a fixed rate; count and verify deliveries.
     Fanout,
     /// Hold idle connections; check that each receives a heartbeat during the window.
@@ -112,14 +112,14 @@ pub enum Mode {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Channels {
+pub(crate) enum Channels {
     One,
     PerClient,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Publish {
+pub(crate) enum Publish {
     None,
     Redis,
     Http,
@@ -127,27 +127,27 @@ pub enum Publish {
 
 impl Args {
     /// The host:port part of `--target`.
-    pub fn target_authority(&self) -> &str {
+    pub(crate) fn target_authority(&self) -> &str {
         authority_of(&self.target)
     }
 
-    pub fn target_addr(&self) -> Result<SocketAddr, String> {
+    pub(crate) fn target_addr(&self) -> Result<SocketAddr, String> {
         resolve(self.target_authority())
     }
 
-    pub fn channel_count(&self) -> usize {
+    pub(crate) fn channel_count(&self) -> usize {
         match self.channels {
             Channels::One => 1,
             Channels::PerClient => self.clients.max(1),
         }
     }
 
-    pub fn channel_name(&self, channel: usize) -> String {
+    pub(crate) fn channel_name(&self, channel: usize) -> String {
         format!("{}{}", self.channel_prefix, channel)
     }
 
     /// The channel client `client` (global index) reads.
-    pub fn channel_of(&self, client: usize) -> usize {
+    pub(crate) fn channel_of(&self, client: usize) -> usize {
         match self.channels {
             Channels::One => 0,
             Channels::PerClient => client,
@@ -155,19 +155,19 @@ impl Args {
     }
 
     /// Channel and per-channel sequence of the `k`-th published message.
-    pub fn message_target(&self, k: u64) -> (usize, u64) {
+    pub(crate) fn message_target(&self, k: u64) -> (usize, u64) {
         let n = self.channel_count() as u64;
         ((k % n) as usize, k / n)
     }
 
     /// How many of the first `published` messages went to `channel`.
-    pub fn expected_on(&self, channel: usize, published: u64) -> u64 {
+    pub(crate) fn expected_on(&self, channel: usize, published: u64) -> u64 {
         let n = self.channel_count() as u64;
         let channel = channel as u64;
         published / n + u64::from(channel < published % n)
     }
 
-    pub fn source_count(&self) -> usize {
+    pub(crate) fn source_count(&self) -> usize {
         if self.source_addrs > 0 {
             self.source_addrs.min(254)
         } else {
@@ -175,13 +175,13 @@ impl Args {
         }
     }
 
-    pub fn source_addr(&self, client: usize) -> Ipv4Addr {
+    pub(crate) fn source_addr(&self, client: usize) -> Ipv4Addr {
         let host = (client % self.source_count()) as u8 + 1;
         Ipv4Addr::new(127, 0, self.source_net, host)
     }
 
     /// Whether client `client` (global index) verifies every event.
-    pub fn is_sampled(&self, client: usize) -> bool {
+    pub(crate) fn is_sampled(&self, client: usize) -> bool {
         if self.sample == 0 || self.clients == 0 {
             return false;
         }
@@ -193,12 +193,12 @@ impl Args {
     }
 
     /// Number of client processes.
-    pub fn process_count(&self) -> usize {
+    pub(crate) fn process_count(&self) -> usize {
         self.clients.div_ceil(self.max_per_process.max(1)).max(1)
     }
 
     /// The global index range of the clients of child `index` of `count`.
-    pub fn share(&self, index: usize, count: usize) -> std::ops::Range<usize> {
+    pub(crate) fn share(&self, index: usize, count: usize) -> std::ops::Range<usize> {
         let base = self.clients / count;
         let extra = self.clients % count;
         let start = index * base + index.min(extra);
@@ -206,24 +206,24 @@ impl Args {
         start..start + len
     }
 
-    pub fn drop_at(&self) -> f64 {
+    pub(crate) fn drop_at(&self) -> f64 {
         self.drop_at.unwrap_or(self.duration / 2.0)
     }
 
     /// The request path of client `client`.
-    pub fn request_path(&self, client: usize) -> String {
+    pub(crate) fn request_path(&self, client: usize) -> String {
         self.path
             .replace("{ch}", &self.channel_name(self.channel_of(client)))
     }
 }
 
 /// `host:port` of a URL or authority.
-pub fn authority_of(url: &str) -> &str {
+pub(crate) fn authority_of(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     rest.split('/').next().unwrap_or(rest)
 }
 
-pub fn resolve(authority: &str) -> Result<SocketAddr, String> {
+pub(crate) fn resolve(authority: &str) -> Result<SocketAddr, String> {
     authority
         .to_socket_addrs()
         .map_err(|e| format!("{authority}: {e}"))?

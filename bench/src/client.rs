@@ -120,7 +120,7 @@ impl Detail {
 
 /// Summary of the verifying connections of a process.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
-pub struct Verified {
+pub(crate) struct Verified {
     pub connections: u64,
     pub events: u64,
     pub duplicates: u64,
@@ -132,7 +132,7 @@ pub struct Verified {
 }
 
 impl Verified {
-    pub fn add(&mut self, other: &Verified) {
+    pub(crate) fn add(&mut self, other: &Verified) {
         self.connections += other.connections;
         self.events += other.events;
         self.duplicates += other.duplicates;
@@ -146,7 +146,7 @@ impl Verified {
 
 /// Resume-mode figures of a process.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
-pub struct ResumeStats {
+pub(crate) struct ResumeStats {
     pub clients: u64,
     pub reconnected: u64,
     pub resumed: u64,
@@ -165,7 +165,7 @@ pub struct ResumeStats {
 
 /// Heartbeat (idle-mode) figures of a process.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
-pub struct Heartbeats {
+pub(crate) struct Heartbeats {
     pub open_at_mark: u64,
     pub open_at_end: u64,
     /// Open connections that received bytes after the mark.
@@ -177,7 +177,7 @@ pub struct Heartbeats {
 
 /// Everything a client process reports.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
-pub struct ChildResult {
+pub(crate) struct ChildResult {
     pub clients: u64,
     pub connected: u64,
     pub connect_errors: u64,
@@ -201,7 +201,7 @@ pub struct ChildResult {
 }
 
 /// The clients of this process.
-pub struct Worker {
+pub(crate) struct Worker {
     args: Rc<Args>,
     target: SocketAddr,
     host: String,
@@ -232,7 +232,10 @@ fn unix_now_ns() -> u64 {
 }
 
 impl Worker {
-    pub fn new(args: Rc<Args>, clients: std::ops::Range<usize>) -> Result<Rc<Worker>, String> {
+    pub(crate) fn new(
+        args: Rc<Args>,
+        clients: std::ops::Range<usize>,
+    ) -> Result<Rc<Worker>, String> {
         let target = args.target_addr()?;
         let full_parse = args.mode == Mode::Resume;
         let slots = clients
@@ -275,7 +278,7 @@ impl Worker {
     }
 
     /// Opens every connection at the configured rate; returns once all are open or failed.
-    pub async fn connect_all(self: &Rc<Self>) -> f64 {
+    pub(crate) async fn connect_all(self: &Rc<Self>) -> f64 {
         let started = Instant::now();
         let per_process = (self.args.connect_rate / self.args.child_count as f64).max(1.0);
         for local in 0..self.slots.len() {
@@ -314,7 +317,7 @@ impl Worker {
     }
 
     /// Start of the measurement window: remember what each connection had received.
-    pub fn mark(&self) {
+    pub(crate) fn mark(&self) {
         let open = self
             .slots
             .iter()
@@ -331,7 +334,10 @@ impl Worker {
     }
 
     /// Resume mode: drop every connection at once and reconnect each with its last event id.
-    pub async fn drop_and_resume(self: &Rc<Self>, published_before_drop: u64) -> ResumeStats {
+    pub(crate) async fn drop_and_resume(
+        self: &Rc<Self>,
+        published_before_drop: u64,
+    ) -> ResumeStats {
         let dropped_at = Instant::now();
         self.drop.set(Some((dropped_at, published_before_drop)));
         for (local, slot) in self.slots.iter().enumerate() {
@@ -388,7 +394,7 @@ impl Worker {
     }
 
     /// Waits (at most `--drain` seconds) until every open connection has what was published.
-    pub async fn drain(&self, published: u64) -> f64 {
+    pub(crate) async fn drain(&self, published: u64) -> f64 {
         let started = Instant::now();
         // Lazily read sockets hold up to `--count-lowat` bytes unread: make them readable now.
         for slot in &self.slots {
@@ -408,7 +414,7 @@ impl Worker {
     }
 
     /// Closes every connection (end of run).
-    pub fn close_all(&self) {
+    pub(crate) fn close_all(&self) {
         for handle in self.handles.borrow_mut().iter_mut() {
             if let Some(handle) = handle.take() {
                 handle.abort();
@@ -417,7 +423,7 @@ impl Worker {
     }
 
     /// The process's figures after publishing `published` messages.
-    pub fn result(&self, published: u64, connect_phase_s: f64) -> ChildResult {
+    pub(crate) fn result(&self, published: u64, connect_phase_s: f64) -> ChildResult {
         let mut result = ChildResult {
             clients: self.slots.len() as u64,
             connect_errors: self.errors.borrow().values().sum(),
@@ -779,7 +785,7 @@ fn set_int_option(
 }
 
 /// Merges histogram pairs of several processes.
-pub fn merge_pairs<'a>(parts: impl Iterator<Item = &'a Vec<(u64, u64)>>) -> Histogram<u64> {
+pub(crate) fn merge_pairs<'a>(parts: impl Iterator<Item = &'a Vec<(u64, u64)>>) -> Histogram<u64> {
     let mut merged = new_hist();
     for pairs in parts {
         let _ = merged.add(hist_from_pairs(pairs));

@@ -18,18 +18,18 @@ fn ticks_per_second() -> f64 {
 
 /// CPU seconds of a process: user + system, plus those of its waited-for children.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
-pub struct Cpu {
+pub(crate) struct Cpu {
     pub user_s: f64,
     pub system_s: f64,
     pub children_s: f64,
 }
 
 impl Cpu {
-    pub fn total(&self) -> f64 {
+    pub(crate) fn total(&self) -> f64 {
         self.user_s + self.system_s + self.children_s
     }
 
-    pub fn minus(&self, earlier: &Cpu) -> Cpu {
+    pub(crate) fn minus(&self, earlier: &Cpu) -> Cpu {
         Cpu {
             user_s: self.user_s - earlier.user_s,
             system_s: self.system_s - earlier.system_s,
@@ -47,7 +47,7 @@ impl Cpu {
 }
 
 /// Reads `/proc/<pid>/stat` (`pid` "self" works too).
-pub fn cpu_of(pid: &str) -> Result<Cpu, String> {
+pub(crate) fn cpu_of(pid: &str) -> Result<Cpu, String> {
     let path = format!("/proc/{pid}/stat");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
@@ -74,7 +74,7 @@ pub fn cpu_of(pid: &str) -> Result<Cpu, String> {
 }
 
 /// Sum of the CPU of several processes.
-pub fn cpu_sum(pids: &[u32]) -> Result<Cpu, String> {
+pub(crate) fn cpu_sum(pids: &[u32]) -> Result<Cpu, String> {
     pids.iter().try_fold(Cpu::default(), |acc, pid| {
         Ok(acc.plus(&cpu_of(&pid.to_string())?))
     })
@@ -82,14 +82,14 @@ pub fn cpu_sum(pids: &[u32]) -> Result<Cpu, String> {
 
 /// Resident memory of a process (KiB), from `/proc/<pid>/status`.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
-pub struct Memory {
+pub(crate) struct Memory {
     pub rss_kib: u64,
     pub anon_kib: u64,
     pub file_kib: u64,
     pub shmem_kib: u64,
 }
 
-pub fn memory_of(pid: u32) -> Result<Memory, String> {
+pub(crate) fn memory_of(pid: u32) -> Result<Memory, String> {
     let path = format!("/proc/{pid}/status");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
     let mut memory = Memory::default();
@@ -113,7 +113,7 @@ pub fn memory_of(pid: u32) -> Result<Memory, String> {
     Ok(memory)
 }
 
-pub fn memory_sum(pids: &[u32]) -> Result<Memory, String> {
+pub(crate) fn memory_sum(pids: &[u32]) -> Result<Memory, String> {
     pids.iter().try_fold(Memory::default(), |acc, pid| {
         let m = memory_of(*pid)?;
         Ok(Memory {
@@ -126,7 +126,7 @@ pub fn memory_sum(pids: &[u32]) -> Result<Memory, String> {
 }
 
 /// Busy CPU seconds of the whole machine (all cores, everything but idle and iowait).
-pub fn system_busy_s() -> f64 {
+pub(crate) fn system_busy_s() -> f64 {
     let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
         return 0.0;
@@ -147,7 +147,7 @@ pub fn system_busy_s() -> f64 {
 }
 
 /// The 1, 5 and 15 minute load averages.
-pub fn load_average() -> Vec<f64> {
+pub(crate) fn load_average() -> Vec<f64> {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .split_whitespace()
@@ -157,7 +157,7 @@ pub fn load_average() -> Vec<f64> {
 }
 
 /// Kernel TCP counters that explain slow connects (accept-queue overflows, SYN cookies).
-pub const TCP_COUNTERS: &[&str] = &[
+pub(crate) const TCP_COUNTERS: &[&str] = &[
     "ListenOverflows",
     "ListenDrops",
     "SyncookiesSent",
@@ -166,7 +166,7 @@ pub const TCP_COUNTERS: &[&str] = &[
 ];
 
 /// Reads [`TCP_COUNTERS`] from `/proc/net/netstat` (system-wide).
-pub fn tcp_counters() -> BTreeMap<String, i64> {
+pub(crate) fn tcp_counters() -> BTreeMap<String, i64> {
     let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
     let mut lines = text.lines();
     let mut counters = BTreeMap::new();
@@ -184,7 +184,7 @@ pub fn tcp_counters() -> BTreeMap<String, i64> {
 }
 
 /// `after - before` per counter.
-pub fn counter_delta(
+pub(crate) fn counter_delta(
     before: &BTreeMap<String, i64>,
     after: &BTreeMap<String, i64>,
 ) -> BTreeMap<String, i64> {

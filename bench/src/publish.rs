@@ -14,7 +14,7 @@ use crate::wire::{self, Stamp};
 
 /// How the publishing went.
 #[derive(Debug, Default, Clone, Serialize)]
-pub struct PublishStats {
+pub(crate) struct PublishStats {
     pub mode: String,
     pub planned: u64,
     pub published: u64,
@@ -28,13 +28,13 @@ pub struct PublishStats {
     pub max_lag_ms: f64,
 }
 
-pub enum Sink {
+pub(crate) enum Sink {
     Redis(redis::aio::MultiplexedConnection),
     Http(HttpPublisher),
 }
 
 impl Sink {
-    pub async fn connect(args: &Args) -> Result<Sink, String> {
+    pub(crate) async fn connect(args: &Args) -> Result<Sink, String> {
         match args.publish {
             Publish::None => Err("no publisher configured".to_string()),
             Publish::Redis => {
@@ -75,7 +75,7 @@ impl Sink {
 
 /// Publishes `--rate` messages per second for `--duration` seconds. `published` is updated
 /// after each batch (the resume-mode drop reads it).
-pub async fn run(args: &Args, sink: &mut Sink, published: &Cell<u64>) -> PublishStats {
+pub(crate) async fn run(args: &Args, sink: &mut Sink, published: &Cell<u64>) -> PublishStats {
     let planned = (args.rate * args.duration).round().max(0.0) as u64;
     let mut stats = PublishStats {
         mode: format!("{:?}", args.publish).to_lowercase(),
@@ -128,7 +128,7 @@ pub async fn run(args: &Args, sink: &mut Sink, published: &Cell<u64>) -> Publish
 }
 
 /// A keep-alive HTTP/1.1 connection that POSTs each message (pipelined per batch).
-pub struct HttpPublisher {
+pub(crate) struct HttpPublisher {
     stream: TcpStream,
     authority: String,
     path: String,

@@ -4,18 +4,18 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 /// A histogram of microseconds, 1 µs to 1 hour, 3 significant digits.
-pub fn new_hist() -> Histogram<u64> {
+pub(crate) fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant bounds are valid")
 }
 
 /// A histogram as `(value, count)` pairs, for passing between processes.
-pub fn hist_pairs(hist: &Histogram<u64>) -> Vec<(u64, u64)> {
+pub(crate) fn hist_pairs(hist: &Histogram<u64>) -> Vec<(u64, u64)> {
     hist.iter_recorded()
         .map(|v| (v.value_iterated_to(), v.count_at_value()))
         .collect()
 }
 
-pub fn hist_from_pairs(pairs: &[(u64, u64)]) -> Histogram<u64> {
+pub(crate) fn hist_from_pairs(pairs: &[(u64, u64)]) -> Histogram<u64> {
     let mut hist = new_hist();
     for (value, count) in pairs {
         let _ = hist.record_n(*value, *count);
@@ -29,7 +29,7 @@ const PLOT_QUANTILES: &[f64] = &[
 ];
 
 /// Summary in milliseconds: p50/p90/p99/p999/max plus a quantile table for plots.
-pub fn summary_ms(hist: &Histogram<u64>) -> Value {
+pub(crate) fn summary_ms(hist: &Histogram<u64>) -> Value {
     let ms = |us: u64| us as f64 / 1000.0;
     if hist.is_empty() {
         return json!({ "count": 0 });

@@ -16,7 +16,7 @@ static HEAD_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n
 
 /// A parsed response head.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Head {
+pub(crate) struct Head {
     pub status: u16,
     pub chunked: bool,
     pub content_length: Option<u64>,
@@ -25,7 +25,7 @@ pub struct Head {
 }
 
 /// Parses a response head at the start of `buf`. `Ok(None)` while incomplete.
-pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
+pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
     let Some(end) = HEAD_END.find(buf) else {
         if buf.len() > 16 * 1024 {
             return Err("response head longer than 16 KiB".to_string());
@@ -67,7 +67,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
 
 /// Incremental decoder of the chunked transfer coding (or identity when not chunked).
 #[derive(Debug, Clone)]
-pub struct Dechunker {
+pub(crate) struct Dechunker {
     chunked: bool,
     state: ChunkState,
 }
@@ -94,7 +94,7 @@ enum ChunkState {
 }
 
 impl Dechunker {
-    pub fn new(chunked: bool) -> Dechunker {
+    pub(crate) fn new(chunked: bool) -> Dechunker {
         Dechunker {
             chunked,
             state: ChunkState::Size {
@@ -105,12 +105,16 @@ impl Dechunker {
     }
 
     /// True after the terminating zero-size chunk.
-    pub fn ended(&self) -> bool {
+    pub(crate) fn ended(&self) -> bool {
         self.state == ChunkState::End
     }
 
     /// Feeds raw body bytes; passes the decoded payload slices to `sink`.
-    pub fn feed(&mut self, mut input: &[u8], mut sink: impl FnMut(&[u8])) -> Result<(), String> {
+    pub(crate) fn feed(
+        &mut self,
+        mut input: &[u8],
+        mut sink: impl FnMut(&[u8]),
+    ) -> Result<(), String> {
         if !self.chunked {
             if !input.is_empty() {
                 sink(input);
@@ -173,7 +177,7 @@ impl Dechunker {
 
 /// Counts `\ndata:` markers across arbitrarily split input.
 #[derive(Debug, Clone)]
-pub struct EventCounter {
+pub(crate) struct EventCounter {
     carry: [u8; CARRY],
     carry_len: usize,
 }
@@ -192,7 +196,7 @@ impl Default for EventCounter {
 
 impl EventCounter {
     /// Counts the markers that end in `input`.
-    pub fn count(&mut self, input: &[u8]) -> u64 {
+    pub(crate) fn count(&mut self, input: &[u8]) -> u64 {
         if input.is_empty() {
             return 0;
         }
@@ -230,7 +234,7 @@ impl EventCounter {
 
 /// One dispatched SSE block.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Block<'a> {
+pub(crate) enum Block<'a> {
     /// An event with data (the joined `data:` lines).
     Event { data: &'a [u8] },
     /// A comment line (`:` ...), e.g. a heartbeat.
@@ -239,7 +243,7 @@ pub enum Block<'a> {
 
 /// A full EventSource-style line parser.
 #[derive(Debug, Default, Clone)]
-pub struct SseParser {
+pub(crate) struct SseParser {
     line: Vec<u8>,
     data: Vec<u8>,
     has_data: bool,
@@ -251,7 +255,7 @@ pub struct SseParser {
 impl SseParser {
     /// Forgets a partly received block (the connection it came from is gone); keeps the last
     /// event id, as a browser does across reconnects.
-    pub fn reset_stream(&mut self) {
+    pub(crate) fn reset_stream(&mut self) {
         self.line.clear();
         self.data.clear();
         self.has_data = false;
@@ -259,7 +263,7 @@ impl SseParser {
     }
 
     /// Feeds decoded body bytes, calling `on_block` for each dispatched event and comment.
-    pub fn feed(&mut self, input: &[u8], mut on_block: impl FnMut(Block<'_>)) {
+    pub(crate) fn feed(&mut self, input: &[u8], mut on_block: impl FnMut(Block<'_>)) {
         let mut rest = input;
         while let Some(at) = memchr::memchr(b'\n', rest) {
             if self.line.is_empty() {
@@ -320,7 +324,7 @@ impl SseParser {
 
 /// The fields the load generator embeds in every payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stamp {
+pub(crate) struct Stamp {
     /// Per-channel sequence number, from 0.
     pub seq: u64,
     /// Send time, Unix nanoseconds.
@@ -329,7 +333,7 @@ pub struct Stamp {
 
 /// Builds a payload `{"s":<seq>,"t":<ns>,"p":"xxx"}` padded to `size` bytes (at least the
 /// unpadded length).
-pub fn make_payload(stamp: Stamp, size: usize) -> Vec<u8> {
+pub(crate) fn make_payload(stamp: Stamp, size: usize) -> Vec<u8> {
     let mut out = format!("{{\"s\":{},\"t\":{},\"p\":\"", stamp.seq, stamp.sent_ns).into_bytes();
     let pad = size.saturating_sub(out.len() + 2);
     out.resize(out.len() + pad, b'x');
@@ -338,7 +342,7 @@ pub fn make_payload(stamp: Stamp, size: usize) -> Vec<u8> {
 }
 
 /// Reads the stamp from a payload made by [`make_payload`].
-pub fn parse_stamp(data: &[u8]) -> Option<Stamp> {
+pub(crate) fn parse_stamp(data: &[u8]) -> Option<Stamp> {
     let seq = number_after(data, b"{\"s\":")?;
     let rest = data.get(5..)?;
     let at = memchr::memmem::find(rest, b",\"t\":")?;

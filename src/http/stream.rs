@@ -29,18 +29,8 @@ use tokio::time::{Instant, Sleep};
 use super::admission::Admitted;
 use super::connection::Activity;
 use crate::hub::{Drain, DrainWatch, EntryKind, Hub, Lease, Registration, Skipped};
-use crate::metrics::{self, CloseReason};
-use crate::sse::{self, WireFrame};
-
-/// Reasons carried by `gateway.reset`; part of the public contract.
-pub(crate) mod reset_reason {
-    /// The resume id is malformed, from another epoch, or ahead of the head.
-    pub(crate) const UNKNOWN_POSITION: &str = "unknown_position";
-    /// The ring no longer reaches back to the client's position.
-    pub(crate) const HISTORY_EXPIRED: &str = "history_expired";
-    /// The Redis subscription was down; messages in that window are lost.
-    pub(crate) const UPSTREAM_INTERRUPTED: &str = "upstream_interrupted";
-}
+use crate::metrics::{self, CloseReason, ResumeOutcome};
+use crate::sse::{self, Epoch, ResetReason, WireFrame};
 
 /// An open SSE stream over the channels of one [`Lease`].
 pub(crate) struct EventStream {
@@ -111,6 +101,31 @@ impl Outgoing {
     }
 }
 
+/// Where a new stream starts, as the client's resume id says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resume {
+    /// No resume id: the stream starts at the head.
+    Fresh,
+    /// A position this run still knows: the stream replays what came after it.
+    From(u64),
+    /// An id that is malformed, from another epoch, or ahead of the head: the stream starts at
+    /// the head with an `unknown_position` reset.
+    Unknown,
+}
+
+impl Resume {
+    /// Reads the client's resume id, if it sent one, against this run's `epoch` and `head`.
+    fn parse(resume_from: Option<&str>, epoch: &Epoch, head: u64) -> Resume {
+        let Some(id) = resume_from else {
+            return Resume::Fresh;
+        };
+        match epoch.parse_position(id).filter(|p| *p <= head) {
+            Some(position) => Resume::From(position),
+            None => Resume::Unknown,
+        }
+    }
+}
+
 /// What the replay of a resume has met so far; its outcome is counted once the replay has been
 /// read up to the head the stream started from (or when the client leaves before that).
 #[derive(Default)]
@@ -149,12 +164,10 @@ impl EventStream {
         // The first poll registers for wake-ups and then reads again, so nothing appended
         // between this read and that poll is missed.
         let head = hub.head();
-        let resumed = start
-            .resume_from
-            .map(|id| hub.epoch().parse_position(id).filter(|p| *p <= head));
-        let cursor = match resumed {
-            Some(Some(position)) => position,
-            None | Some(None) => head,
+        let resume = Resume::parse(start.resume_from, hub.epoch(), head);
+        let cursor = match resume {
+            Resume::From(position) => position,
+            Resume::Fresh | Resume::Unknown => head,
         };
         let mut stream = EventStream {
             pending: VecDeque::new(),
@@ -185,14 +198,15 @@ impl EventStream {
         let position = stream.hub.epoch().id(cursor);
         let preamble = sse::encode_preamble(start.retry_ms, position);
         stream.pending.push_back(Outgoing::encoded(&preamble));
-        if let Some(None) = resumed {
+        if resume == Resume::Unknown {
             let names: Vec<&str> = stream.lease.names().collect();
-            let reset = sse::encode_reset(position, reset_reason::UNKNOWN_POSITION, &names);
+            let reason = ResetReason::UnknownPosition;
+            let reset = sse::encode_reset(position, reason, &names);
             stream.pending.push_back(Outgoing::encoded(&reset));
-            metrics::reset_sent(reset_reason::UNKNOWN_POSITION);
-            metrics::resumed(reset_reason::UNKNOWN_POSITION);
+            metrics::reset_sent(reason);
+            metrics::resumed(ResumeOutcome::Reset(reason));
         } else {
-            if resumed.is_some() {
+            if let Resume::From(_) = resume {
                 stream.resume = Some(ResumeTally::default());
             }
             // Only the first piece: the rest is read as the writer takes it. A short replay
@@ -236,9 +250,10 @@ impl EventStream {
                         names.push(self.lease.name(other));
                     }
                     let id = epoch.id(entry.seq);
-                    let reset = sse::encode_reset(id, reset_reason::UPSTREAM_INTERRUPTED, &names);
+                    let reason = ResetReason::UpstreamInterrupted;
+                    let reset = sse::encode_reset(id, reason, &names);
                     self.pending.push_back(Outgoing::encoded(&reset));
-                    metrics::reset_sent(reset_reason::UPSTREAM_INTERRUPTED);
+                    metrics::reset_sent(reason);
                     if entry.seq <= self.replay_until {
                         if let Some(resume) = &mut self.resume {
                             resume.interrupted = true;
@@ -287,9 +302,10 @@ impl EventStream {
             .map(|i| self.lease.name(*i))
             .collect();
         let id = self.hub.epoch().id(skipped.until);
-        let reset = sse::encode_reset(id, reset_reason::HISTORY_EXPIRED, &names);
+        let reason = ResetReason::HistoryExpired;
+        let reset = sse::encode_reset(id, reason, &names);
         self.pending.push_back(Outgoing::encoded(&reset));
-        metrics::reset_sent(reset_reason::HISTORY_EXPIRED);
+        metrics::reset_sent(reason);
     }
 
     /// Counts the resume's outcome once its replay has been read completely.
@@ -314,13 +330,13 @@ impl EventStream {
 
 impl ResumeTally {
     /// The `outcome` label of a resume whose replay this was.
-    fn outcome(&self) -> &'static str {
+    fn outcome(&self) -> ResumeOutcome {
         if self.expired {
-            reset_reason::HISTORY_EXPIRED
+            ResumeOutcome::Reset(ResetReason::HistoryExpired)
         } else if self.interrupted {
-            reset_reason::UPSTREAM_INTERRUPTED
+            ResumeOutcome::Reset(ResetReason::UpstreamInterrupted)
         } else {
-            "replayed"
+            ResumeOutcome::Replayed
         }
     }
 }
@@ -447,7 +463,7 @@ mod tests {
     use super::*;
     use crate::config::Settings;
     use crate::http::admission::Admission;
-    use crate::hub::{UpstreamRequest, PIECE_MAX_ENTRIES};
+    use crate::hub::{HubSettings, UpstreamRequest, PIECE_MAX_ENTRIES};
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -492,9 +508,10 @@ mod tests {
     }
 
     fn hub_with_capacity(capacity: usize) -> (Arc<Hub>, mpsc::UnboundedReceiver<UpstreamRequest>) {
-        let mut settings = Settings::default();
-        settings.history.capacity = capacity;
-        Hub::new(&settings)
+        Hub::new(HubSettings {
+            history_capacity: capacity,
+            ..crate::hub::testing::default_settings()
+        })
     }
 
     /// Leases `names`, confirming them as the upstream task would.
@@ -592,7 +609,7 @@ mod tests {
         assert_eq!(
             seen[held],
             Seen::Reset {
-                reason: reset_reason::HISTORY_EXPIRED.to_string(),
+                reason: ResetReason::HistoryExpired.as_str().to_string(),
                 channels: vec!["a".to_string()],
                 id: hub.epoch().id(hub.head()).to_string(),
             }
@@ -617,7 +634,7 @@ mod tests {
         hub.mark_subscribed(&hub.subscriptions());
         hub.set_upstream_up(true);
         expected.push(Seen::Reset {
-            reason: reset_reason::UPSTREAM_INTERRUPTED.to_string(),
+            reason: ResetReason::UpstreamInterrupted.as_str().to_string(),
             channels: vec!["a".to_string(), "b".to_string(), "c".to_string()],
             id: hub.epoch().id(hub.head()).to_string(),
         });
@@ -646,7 +663,7 @@ mod tests {
         let mut stream = resume(&hub, lease, start)?;
         let mut expected = events((0..100).map(|n| format!("b{n}")));
         expected.push(Seen::Reset {
-            reason: reset_reason::HISTORY_EXPIRED.to_string(),
+            reason: ResetReason::HistoryExpired.as_str().to_string(),
             channels: vec!["a".to_string()],
             id: hub.epoch().id(head).to_string(),
         });
