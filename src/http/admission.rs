@@ -6,6 +6,7 @@
 //! nearest untrusted address in `X-Forwarded-For`, so clients cannot spoof their way around the
 //! per-address cap.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +16,47 @@ use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::connection::{AddressCounts, AddressSlot};
 use super::ApiError;
 use crate::config::LimitsSettings;
+
+/// Open connections (or streams) per client address, with slots that give themselves back.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct AddressCounts(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// One counted slot of an address; released on drop.
+#[derive(Debug)]
+pub(crate) struct AddressSlot {
+    counts: AddressCounts,
+    address: IpAddr,
+}
+
+impl AddressCounts {
+    /// Takes a slot for `address` unless it already holds `limit`.
+    pub(crate) fn try_take(&self, address: IpAddr, limit: usize) -> Option<AddressSlot> {
+        let mut counts = self.0.lock();
+        let count = counts.entry(address).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            counts: self.clone(),
+            address,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock();
+        if let Some(count) = counts.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.address);
+            }
+        }
+    }
+}
 
 /// Decides whether a new stream may open.
 #[derive(Debug)]

@@ -19,7 +19,6 @@
 //! socket, so hyper's connections need no hooks of their own. The HTTP/1.1 fast path owns its
 //! socket and applies the write stall itself (`fast_path`).
 
-use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -28,52 +27,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use super::admission::{AddressCounts, AddressSlot};
 use crate::metrics;
-
-/// Open connections (or streams) per client address, with slots that give themselves back.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct AddressCounts(Arc<Mutex<HashMap<IpAddr, usize>>>);
-
-/// One counted slot of an address; released on drop.
-#[derive(Debug)]
-pub(crate) struct AddressSlot {
-    counts: AddressCounts,
-    address: IpAddr,
-}
-
-impl AddressCounts {
-    /// Takes a slot for `address` unless it already holds `limit`.
-    pub(crate) fn try_take(&self, address: IpAddr, limit: usize) -> Option<AddressSlot> {
-        let mut counts = self.0.lock();
-        let count = counts.entry(address).or_insert(0);
-        if *count >= limit {
-            return None;
-        }
-        *count += 1;
-        Some(AddressSlot {
-            counts: self.clone(),
-            address,
-        })
-    }
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut counts = self.counts.0.lock();
-        if let Some(count) = counts.get_mut(&self.address) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.address);
-            }
-        }
-    }
-}
 
 /// Which cap refused a connection (`reason` label of the refusal counter).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
