@@ -5,6 +5,9 @@
 //! The client address is the TCP peer, or — only when the peer is one of `trusted_proxies` — the
 //! nearest untrusted address in `X-Forwarded-For`, so clients cannot spoof their way around the
 //! per-address cap.
+//!
+//! The per-address counting itself ([`AddressCounts`]) is shared with the connection caps that
+//! the listener applies at accept (`connection`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
