@@ -8,8 +8,7 @@
 
 mod support;
 
-use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
+use std::collections::BTreeSet;
 
 use support::*;
 
@@ -26,29 +25,6 @@ async fn capped_gateway(redis: &TestRedis, max_total: usize) -> TestResult<TestG
     settings.channels.max_total = max_total;
     settings.history.linger_secs = 300;
     TestGateway::start_ready(settings).await
-}
-
-/// Every series of one `/metrics` scrape.
-async fn scrape(admin: SocketAddr) -> TestResult<HashMap<String, f64>> {
-    let (status, text) = get(admin, "/metrics", &[]).await?;
-    assert_eq!(status, 200);
-    let mut series = HashMap::new();
-    for line in text
-        .lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        let (key, value) = line.rsplit_once(' ').ok_or("bad exposition line")?;
-        series.insert(key.to_string(), value.parse()?);
-    }
-    Ok(series)
-}
-
-async fn metric(admin: SocketAddr, key: &str) -> TestResult<f64> {
-    scrape(admin)
-        .await?
-        .get(key)
-        .copied()
-        .ok_or_else(|| format!("series {key} missing").into())
 }
 
 /// Opens a stream on `channel` and waits for its first block (the subscription is live).

@@ -155,23 +155,6 @@ fn bad_configuration_stops_start_up_naming_the_key() -> TestResult {
     Ok(())
 }
 
-/// A directory under the temporary directory, removed on drop (also when the test fails).
-struct ScratchDir(std::path::PathBuf);
-
-impl ScratchDir {
-    fn create(name: &str) -> std::io::Result<ScratchDir> {
-        let path = std::env::temp_dir().join(name);
-        std::fs::create_dir_all(&path)?;
-        Ok(ScratchDir(path))
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[tokio::test]
 async fn the_healthcheck_subcommand_probes_the_admin_listener() -> TestResult {
     let redis = TestRedis::start().await?;

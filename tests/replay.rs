@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -93,29 +92,6 @@ impl Drop for Binary {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// One scrape of `/metrics`: series (name plus labels, as rendered) to value.
-async fn scrape(admin: SocketAddr) -> TestResult<HashMap<String, f64>> {
-    let (status, text) = get(admin, "/metrics", &[]).await?;
-    assert_eq!(status, 200);
-    let mut series = HashMap::new();
-    for line in text
-        .lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        let (key, value) = line.rsplit_once(' ').ok_or("bad exposition line")?;
-        series.insert(key.to_string(), value.parse()?);
-    }
-    Ok(series)
-}
-
-async fn metric(admin: SocketAddr, key: &str) -> TestResult<f64> {
-    scrape(admin)
-        .await?
-        .get(key)
-        .copied()
-        .ok_or_else(|| format!("series {key} missing").into())
 }
 
 /// Waits until the gateway has `count` open streams.

@@ -568,18 +568,48 @@ impl SseClient {
     }
 }
 
-/// The value of one series (name plus labels, as rendered) on the admin listener's `/metrics`.
-pub async fn metric(admin: SocketAddr, series: &str) -> TestResult<f64> {
+/// Every series of one `/metrics` scrape of the admin listener: name plus labels, as rendered,
+/// to value.
+pub async fn scrape(admin: SocketAddr) -> TestResult<std::collections::HashMap<String, f64>> {
     let (status, text) = get(admin, "/metrics", &[]).await?;
     if status != 200 {
         return Err(format!("/metrics answered {status}").into());
     }
-    let value = text
+    let mut series = std::collections::HashMap::new();
+    for line in text
         .lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .ok_or_else(|| format!("series {series} missing"))?;
-    Ok(value.trim().parse()?)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (key, value) = line.rsplit_once(' ').ok_or("bad exposition line")?;
+        series.insert(key.to_string(), value.parse()?);
+    }
+    Ok(series)
+}
+
+/// The value of one series (name plus labels, as rendered) on the admin listener's `/metrics`.
+pub async fn metric(admin: SocketAddr, series: &str) -> TestResult<f64> {
+    scrape(admin)
+        .await?
+        .get(series)
+        .copied()
+        .ok_or_else(|| format!("series {series} missing").into())
+}
+
+/// A directory under the temporary directory, removed on drop (also when the test fails).
+pub struct ScratchDir(pub std::path::PathBuf);
+
+impl ScratchDir {
+    pub fn create(name: &str) -> std::io::Result<ScratchDir> {
+        let path = std::env::temp_dir().join(name);
+        std::fs::create_dir_all(&path)?;
+        Ok(ScratchDir(path))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The gateway binary as a child process, configured from the environment only, optionally
