@@ -108,6 +108,7 @@ async fn a_new_channel_gets_503_while_every_channel_has_a_reader() -> TestResult
     let after = scrape(gateway.admin).await?;
     assert_eq!(after[REJECTED_503], before[REJECTED_503] + 2.0);
     assert_eq!(after[EVICTED], before[EVICTED]);
+    assert_eq!(get(gateway.admin, "/readyz", &[]).await?.0, 200);
     expect_subscribed(&redis, &["a", "b", "c", "d"]).await?;
     for (channel, client) in ["a", "b", "c", "d"].into_iter().zip(&mut readers) {
         redis

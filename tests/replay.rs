@@ -174,8 +174,9 @@ async fn a_resumed_client_that_never_reads_does_not_pin_evicted_history() -> Tes
         wait_for_streams(gateway.admin, 1 + stalled.len()).await?;
         round_start = reader.last_event_id.clone().ok_or("no last id")?;
         publish_range(&redis, "big", round * CAPACITY, (round + 1) * CAPACITY).await?;
-        // A normal client still gets every event, in order.
+        // A normal client still gets every event, in order, and the instance stays ready.
         expect_range(&mut reader, round * CAPACITY, (round + 1) * CAPACITY).await?;
+        assert_eq!(get(gateway.admin, "/readyz", &[]).await?.0, 200);
     }
     let grown = gateway.rss_kib()?.saturating_sub(baseline);
     println!(
