@@ -4,11 +4,17 @@
 //! a valid JWT that grants it (a `channels` claim of glob patterns, or the personal channel named
 //! by `auth.user_channel` for its `sub`). The token is taken from the first source present:
 //! `Authorization: Bearer`, then the `auth.cookie_name` cookie, then the `token` query parameter.
+//! Within a source the first value wins too (the first `Authorization` header, the first cookie
+//! of that name, the first `token` parameter), as browsers send the most specific cookie first.
 //! There is no falling back: a presented token that is invalid is refused even for public
 //! channels, so a client with a broken token learns it at once. Only the `Bearer` scheme is a
 //! source (a `Basic` header meant for a proxy is ignored), and empty values count as absent.
 //! With no key configured, authorization is off: tokens are ignored and only
 //! `channels.public` applies.
+//!
+//! A token is refused (`401`) when its header lists `crit` extensions (the gateway understands
+//! none, RFC 7515 §4.1.11), when `iss` is not the one string `auth.issuer` names, or when `exp`
+//! is beyond what the clock can represent.
 //!
 //! The accepted algorithm follows from the configured key (HS256 for a secret, RS256 or ES256
 //! for a PEM public key), never from the token header: a header only selects among the keys the
@@ -21,7 +27,7 @@ use http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::channels::{Pattern, PublicChannels, SUB_PLACEHOLDER};
+use crate::channels::{is_redis_internal, Pattern, PublicChannels, SUB_PLACEHOLDER};
 use crate::config::{AuthSettings, ConfigError};
 
 /// Why a request may not read what it asked for.
@@ -51,6 +57,9 @@ struct Claims {
     channels: Vec<String>,
     #[serde(default)]
     sub: Option<String>,
+    /// Kept raw: jsonwebtoken also accepts an array of issuers, the gateway only one string.
+    #[serde(default)]
+    iss: Option<serde_json::Value>,
 }
 
 /// One configured verification key with the single algorithm it accepts.
@@ -65,6 +74,7 @@ pub struct Authorizer {
     keys: Vec<VerificationKey>,
     cookie_name: String,
     user_channel: Option<String>,
+    issuer: Option<String>,
     leeway: Duration,
 }
 
@@ -112,6 +122,7 @@ impl Authorizer {
             keys,
             cookie_name: settings.cookie_name.clone(),
             user_channel: settings.user_channel.clone(),
+            issuer: settings.issuer.clone(),
             leeway: Duration::from_secs(settings.leeway_secs),
         })
     }
@@ -161,13 +172,20 @@ impl Authorizer {
                 "the token does not grant channel `{channel}`"
             )));
         }
-        let expires_at = UNIX_EPOCH + Duration::from_secs(claims.exp) + self.leeway;
         Ok(Access {
-            expires_at: Some(expires_at),
+            expires_at: Some(self.expiry(claims.exp)?),
         })
     }
 
-    /// The first token source present; later sources are not consulted.
+    /// When a stream on a token expiring at `exp` must end. An `exp` the clock cannot represent
+    /// makes the token invalid rather than panicking the request.
+    fn expiry(&self, exp: u64) -> Result<SystemTime, Denied> {
+        UNIX_EPOCH
+            .checked_add(Duration::from_secs(exp))
+            .and_then(|at| at.checked_add(self.leeway))
+            .ok_or_else(|| Denied::Unauthenticated("invalid token: `exp` out of range".into()))
+    }
+
     /// The first token source present; later sources are not consulted. With no verification
     /// key configured, authorization is off and tokens are not looked at.
     fn presented_token(&self, headers: &HeaderMap, query_token: Option<&str>) -> Option<String> {
@@ -190,20 +208,32 @@ impl Authorizer {
     fn verify(&self, token: &str) -> Result<Claims, Denied> {
         let invalid = |why: &str| Denied::Unauthenticated(format!("invalid token: {why}"));
         let header = jsonwebtoken::decode_header(token).map_err(|_| invalid("malformed"))?;
+        if header.crit.is_some() {
+            return Err(invalid("`crit` header extensions are not supported"));
+        }
         let key = self
             .keys
             .iter()
             .find(|k| k.validation.algorithms.contains(&header.alg))
             .ok_or_else(|| invalid("algorithm not accepted"))?;
-        jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
             .map(|data| data.claims)
-            .map_err(|e| invalid(&describe(&e)))
+            .map_err(|e| invalid(&describe(&e)))?;
+        if let Some(issuer) = &self.issuer {
+            if claims.iss.as_ref().and_then(|iss| iss.as_str()) != Some(issuer.as_str()) {
+                return Err(invalid("wrong issuer"));
+            }
+        }
+        Ok(claims)
     }
 
     fn personal_channel(&self, sub: Option<&str>) -> Option<String> {
         let template = self.user_channel.as_deref()?;
         let sub = sub.filter(|s| !s.is_empty())?;
-        Some(template.replace(SUB_PLACEHOLDER, sub))
+        let channel = template.replace(SUB_PLACEHOLDER, sub);
+        // A template like "{sub}" must not turn a `sub` into one of Redis's own channels.
+        let reserved = is_redis_internal(&channel) && !is_redis_internal(template);
+        (!reserved).then_some(channel)
     }
 }
 
@@ -280,16 +310,23 @@ fn describe(error: &jsonwebtoken::errors::Error) -> String {
     }
 }
 
-/// The value of cookie `name`, if the request carries it.
+/// The value of the first cookie `name`, if the request carries it. Headers are read as bytes:
+/// another cookie's non-ASCII value (`pref=café`) must not hide the token.
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(COOKIE)
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(key, _)| *key == name)
-        .map(|(_, value)| value.trim_matches('"').to_string())
+        .flat_map(|value| value.as_bytes().split(|byte| *byte == b';'))
+        .filter_map(|pair| {
+            let at = pair.iter().position(|byte| *byte == b'=')?;
+            Some((pair[..at].trim_ascii(), pair[at + 1..].trim_ascii()))
+        })
+        .find(|(key, _)| *key == name.as_bytes())
+        .map(|(_, value)| {
+            let value = value.strip_prefix(b"\"").unwrap_or(value);
+            let value = value.strip_suffix(b"\"").unwrap_or(value);
+            String::from_utf8_lossy(value).into_owned()
+        })
 }
 
 #[cfg(test)]
@@ -332,5 +369,14 @@ mod tests {
         );
         assert_eq!(cookie(&headers, "ssehub_token").as_deref(), Some("tok"));
         assert_eq!(cookie(&headers, "missing"), None);
+    }
+
+    #[test]
+    fn a_non_ascii_cookie_does_not_hide_the_first_token_cookie() {
+        let mut headers = HeaderMap::new();
+        let value = HeaderValue::from_bytes("pref=café; ssehub_token=\"tok\"".as_bytes());
+        headers.insert(COOKIE, value.expect("header"));
+        headers.append(COOKIE, HeaderValue::from_static("ssehub_token=second"));
+        assert_eq!(cookie(&headers, "ssehub_token").as_deref(), Some("tok"));
     }
 }

@@ -4,6 +4,12 @@
 //! name; `*` matches any run of characters (`:` and the empty run included) and every other
 //! character matches itself. Client input is only ever matched *against* patterns: a requested
 //! `*` is the literal channel `*`.
+//!
+//! Channels whose name starts with `__` belong to Redis itself (keyspace and keyevent
+//! notifications, `__redis__:invalidate`, and whatever Redis reserves next): they can carry key
+//! names and values of other applications. Such a channel is matched only by a pattern that
+//! starts with `__` itself, so the operator wrote the reserved prefix out; `*`, `user:*` or
+//! `*keyevent*` never reach one.
 
 /// Longest accepted channel name, in bytes.
 pub const MAX_CHANNEL_NAME_BYTES: usize = 256;
@@ -12,6 +18,14 @@ pub const MAX_CHANNEL_NAME_BYTES: usize = 256;
 /// token's `sub`. Kept with the channel names rather than in `auth`, so that the configuration
 /// (which checks the template) and authorization (which fills it in) need not import each other.
 pub const SUB_PLACEHOLDER: &str = "{sub}";
+
+/// The prefix of the channels Redis publishes on itself (`__keyspace@0__:...`, `__redis__:...`).
+pub const REDIS_INTERNAL_PREFIX: &str = "__";
+
+/// Whether `name` is one of Redis's own channels, served only when granted by name.
+pub fn is_redis_internal(name: &str) -> bool {
+    name.starts_with(REDIS_INTERNAL_PREFIX)
+}
 
 /// Checks a requested channel name; the error says what is wrong.
 pub fn validate_name(name: &str) -> Result<(), String> {
@@ -50,12 +64,16 @@ impl Pattern {
         })
     }
 
-    /// Whether the whole of `name` matches.
+    /// Whether the whole of `name` matches. A Redis-internal name matches only a pattern that
+    /// starts with the reserved prefix literally (see the module docs).
     pub fn matches(&self, name: &str) -> bool {
         let (first, rest) = match self.parts.split_first() {
             Some(split) => split,
             None => return false,
         };
+        if is_redis_internal(name) && !first.starts_with(REDIS_INTERNAL_PREFIX) {
+            return false;
+        }
         let Some(mut remaining) = name.strip_prefix(first.as_str()) else {
             return false;
         };
@@ -135,6 +153,21 @@ mod tests {
     fn client_star_is_a_literal_name() {
         assert!(!matches("orders", "*"));
         assert!(matches("*", "*"));
+    }
+
+    #[test]
+    fn redis_internal_channels_match_only_patterns_that_name_their_prefix() {
+        let keyevent = "__keyevent@0__:set";
+        assert!(!matches("*", keyevent));
+        assert!(!matches("*keyevent*", keyevent));
+        assert!(!matches("*__:set", keyevent));
+        assert!(!matches("_*", keyevent));
+        assert!(!matches("*", "__redis__:invalidate"));
+        assert!(matches("__keyevent@0__:*", keyevent));
+        assert!(matches("__keyevent@0__:set", keyevent));
+        assert!(matches("__*", "__keyspace@0__:session"));
+        // One leading underscore is an ordinary name.
+        assert!(matches("*", "_private"));
     }
 
     #[test]

@@ -15,6 +15,9 @@ use crate::channels::Pattern;
 
 /// Default address of the public SSE listener.
 pub const DEFAULT_SERVER_LISTEN: &str = "0.0.0.0:8080";
+/// Shortest HS256 secret start-up accepts without a warning: the hash's output size
+/// (RFC 7518 §3.2).
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
 /// Default address of the admin listener (health, readiness, metrics).
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 /// Default Redis URL.
@@ -253,9 +256,11 @@ pub struct LimitsSettings {
     pub max_connections: usize,
     /// Most open streams per client address; more get `429`. `0` = no limit.
     pub max_connections_per_ip: usize,
-    /// Proxies whose `X-Forwarded-For` is believed (exact addresses).
+    /// Proxies whose forwarding header is believed (exact addresses).
     #[serde(deserialize_with = "ip_list")]
     pub trusted_proxies: Vec<IpAddr>,
+    /// The header trusted proxies name the client in.
+    pub forwarded_header: ForwardedHeader,
     /// Seconds a client gets to send its request headers (slowloris protection).
     pub header_read_timeout_secs: u64,
     /// Largest accepted request head, in bytes.
@@ -270,6 +275,18 @@ pub struct LimitsSettings {
     /// Seconds a connection's writes may find the socket full (a client that stopped reading)
     /// before it is closed. `0` = never.
     pub write_stall_secs: u64,
+}
+
+/// The header a trusted proxy's client address is read from (`limits.forwarded_header`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, proxy2`.
+    #[default]
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    /// `Forwarded: for=client, for="[2001:db8::1]:4711"` (RFC 7239).
+    #[serde(rename = "forwarded")]
+    Forwarded,
 }
 
 /// `[admin]`
@@ -411,6 +428,7 @@ impl Default for LimitsSettings {
             max_connections: 0,
             max_connections_per_ip: 0,
             trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::default(),
             header_read_timeout_secs: DEFAULT_HEADER_READ_TIMEOUT_SECS,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
@@ -575,16 +593,16 @@ impl Settings {
                 "`*` cannot be combined with server.cors_credentials = true".to_string(),
             ));
         }
-        if let Some(bad) = self
-            .server
-            .cors_origins
-            .iter()
-            .find(|o| *o != "*" && !(o.starts_with("http://") || o.starts_with("https://")))
-        {
-            return Err(invalid(
-                "server.cors_origins",
-                format!("`{bad}` is not an origin like https://app.example.com"),
-            ));
+        for origin in self.server.cors_origins.iter().filter(|o| *o != "*") {
+            if let Some(problem) = origin_problem(origin) {
+                return Err(invalid(
+                    "server.cors_origins",
+                    format!(
+                        "`{origin}` {problem}: a browser's Origin never matches it; \
+                         write it like https://app.example.com:8443"
+                    ),
+                ));
+            }
         }
         if let Some(template) = &self.auth.user_channel {
             if !template.contains(crate::channels::SUB_PLACEHOLDER) {
@@ -619,6 +637,41 @@ impl Settings {
         Ok(())
     }
 
+    /// What is allowed but risky, one sentence each, naming the key: logged once at start-up.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Ok(Some(secret)) = self.auth.secret() {
+            if secret.len() < MIN_HS256_SECRET_BYTES {
+                let key = match self.auth.jwt_secret_file {
+                    Some(_) => "auth.jwt_secret_file",
+                    None => "auth.jwt_secret",
+                };
+                warnings.push(format!(
+                    "{key}: the HS256 secret is {} bytes; use at least \
+                     {MIN_HS256_SECRET_BYTES} random bytes (RFC 7518 §3.2), shorter ones can be \
+                     guessed offline from any token",
+                    secret.len()
+                ));
+            }
+        }
+        let admin = self.admin.listen.ip().to_canonical();
+        if !admin.is_loopback() {
+            warnings.push(format!(
+                "admin.listen: {} is not a loopback address; /metrics and /readyz are reachable \
+                 from the network, so restrict who can connect to it",
+                self.admin.listen
+            ));
+        }
+        if self.channels.public.iter().any(|p| p == "*") {
+            warnings.push(
+                "channels.public contains \"*\": every channel is readable without a token \
+                 (Redis's own `__` channels excepted); list the public prefixes instead"
+                    .to_string(),
+            );
+        }
+        warnings
+    }
+
     /// Heartbeat period.
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs(self.sse.heartbeat_secs)
@@ -628,6 +681,33 @@ impl Settings {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.server.shutdown_grace_secs)
     }
+}
+
+/// Why a configured CORS origin can never equal a browser's `Origin` header
+/// (`scheme://host[:port]`, lower case, nothing after the authority), if it cannot.
+fn origin_problem(origin: &str) -> Option<&'static str> {
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return Some("has no scheme");
+    };
+    if scheme != "http" && scheme != "https" {
+        return Some("is not an http or https origin");
+    }
+    if authority.is_empty() {
+        return Some("has no host");
+    }
+    if authority.ends_with('/') {
+        return Some("ends with a slash");
+    }
+    if authority.contains(['/', '?', '#']) {
+        return Some("has a path");
+    }
+    if authority.contains('@') {
+        return Some("has user information");
+    }
+    if origin.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Some("has upper-case letters");
+    }
+    None
 }
 
 /// A loading error, naming the `SSEHUB__...` variable behind it when the key it is about was set
@@ -921,5 +1001,48 @@ mod tests {
         assert!(err.contains("channels.max_total"), "{err}");
         let err = error_of("", &[("SSEHUB__SSE__RETRY_MS", "soon")]);
         assert!(err.contains("retry_ms"), "{err}");
+    }
+
+    #[test]
+    fn cors_origins_a_browser_never_sends_are_refused() {
+        for bad in [
+            "https://app.example.com/",
+            "https://app.example.com/path",
+            "https://App.example.com",
+            "HTTPS://app.example.com",
+            "app.example.com",
+            "https://",
+            "ftp://app.example.com",
+        ] {
+            let env = [("SSEHUB__SERVER__CORS_ORIGINS", bad)];
+            let err = error_of("", &env);
+            assert!(err.contains("server.cors_origins"), "{bad}: {err}");
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+        let good =
+            "[server]\ncors_origins = [\"https://app.example.com:8443\", \"http://[::1]:3000\"]\n";
+        assert!(load(good, &[]).is_ok());
+    }
+
+    #[test]
+    fn risky_settings_warn_naming_the_key() {
+        let quiet = load("", &[]).expect("defaults");
+        assert!(quiet.warnings().is_empty(), "{:?}", quiet.warnings());
+        let risky = load(
+            "[auth]\njwt_secret = \"short\"\n[admin]\nlisten = \"0.0.0.0:9090\"\n\
+             [channels]\npublic = [\"*\"]\n",
+            &[],
+        )
+        .expect("risky but valid");
+        let warnings = risky.warnings();
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(warnings[0].starts_with("auth.jwt_secret:"), "{warnings:?}");
+        assert!(warnings[1].starts_with("admin.listen:"), "{warnings:?}");
+        assert!(warnings[2].starts_with("channels.public"), "{warnings:?}");
+        let long_secret = format!("[auth]\njwt_secret = \"{}\"\n", "k".repeat(32));
+        assert!(load(&long_secret, &[])
+            .expect("valid")
+            .warnings()
+            .is_empty());
     }
 }

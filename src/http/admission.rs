@@ -3,7 +3,7 @@
 //! back when the stream ends.
 //!
 //! The client address is the TCP peer, or — only when the peer is one of `trusted_proxies` — the
-//! nearest untrusted address in `X-Forwarded-For`, so clients cannot spoof their way around the
+//! address it forwarded ([`ClientAddresses`]), so clients cannot spoof their way around the
 //! per-address cap.
 //!
 //! The per-address counting itself ([`AddressCounts`]) is shared with the connection caps that
@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use super::forwarded::ClientAddresses;
 use super::ApiError;
 use crate::config::LimitsSettings;
 
@@ -68,7 +69,7 @@ pub(crate) struct Admission {
     total: Option<Arc<Semaphore>>,
     per_ip_limit: usize,
     per_ip: AddressCounts,
-    trusted_proxies: Vec<IpAddr>,
+    clients: ClientAddresses,
     /// `None` when `max_new_connections_per_sec` is 0 (no cap).
     rate: Option<Mutex<TokenBucket>>,
 }
@@ -88,11 +89,7 @@ impl Admission {
                 .then(|| Arc::new(Semaphore::new(limits.max_connections))),
             per_ip_limit: limits.max_connections_per_ip,
             per_ip: AddressCounts::default(),
-            trusted_proxies: limits
-                .trusted_proxies
-                .iter()
-                .map(IpAddr::to_canonical)
-                .collect(),
+            clients: ClientAddresses::new(&limits.trusted_proxies, limits.forwarded_header),
             rate: (rate > 0).then(|| Mutex::new(TokenBucket::new(f64::from(rate)))),
         }
     }
@@ -132,23 +129,9 @@ impl Admission {
         Ok(admitted)
     }
 
-    /// The client's address: the peer, or the nearest untrusted hop when the peer is a proxy.
+    /// The client's address: the peer, or the address a trusted proxy forwarded.
     pub(crate) fn client_address(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-        let peer = peer.to_canonical();
-        if !self.trusted_proxies.contains(&peer) {
-            return peer;
-        }
-        let hops: Vec<IpAddr> = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|hop| hop.trim().parse().ok().map(|ip: IpAddr| ip.to_canonical()))
-            .collect();
-        hops.into_iter()
-            .rev()
-            .find(|hop| !self.trusted_proxies.contains(hop))
-            .unwrap_or(peer)
+        self.clients.resolve(peer, headers)
     }
 }
 

@@ -52,7 +52,7 @@ impl Cors {
         response: &mut Response<ResponseBody>,
     ) {
         let headers = response.headers_mut();
-        if !self.origins.is_empty() {
+        if self.any_origin || !self.origins.is_empty() {
             // The answer depends on Origin: caches must not reuse it for another origin.
             headers.append(VARY, HeaderValue::from_static("Origin"));
         }

@@ -148,7 +148,9 @@ pub(crate) fn parse_query(query: Option<&str>, max_channels: usize) -> Result<St
                 }
             }
             LAST_EVENT_ID_PARAM => parsed.last_event_id = Some(value.into_owned()),
-            TOKEN_PARAM => parsed.token = Some(value.into_owned()),
+            // The first wins, as for the token's other sources (see `auth`).
+            TOKEN_PARAM if parsed.token.is_none() => parsed.token = Some(value.into_owned()),
+            TOKEN_PARAM => {}
             other => {
                 let shown: String = other.chars().take(64).collect();
                 return Err(format!("unknown query parameter `{shown}`"));

@@ -10,6 +10,7 @@ mod connection;
 mod cors;
 mod events;
 mod fast_path;
+mod forwarded;
 mod stream;
 mod tls;
 

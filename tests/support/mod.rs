@@ -184,8 +184,17 @@ pub struct TestGateway {
 
 impl TestGateway {
     pub async fn start(settings: Settings) -> TestResult<TestGateway> {
+        let public = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(settings, public).await
+    }
+
+    /// Starts with a public listener bound by the test (another address family, ...).
+    pub async fn start_on(
+        settings: Settings,
+        public: tokio::net::TcpListener,
+    ) -> TestResult<TestGateway> {
         let listeners = ssehub::Listeners {
-            public: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+            public,
             admin: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
         };
         let addr = listeners.public.local_addr()?;
