@@ -14,7 +14,7 @@
 //!
 //! A token is refused (`401`) when its header lists `crit` extensions (the gateway understands
 //! none, RFC 7515 §4.1.11), when `iss` is not the one string `auth.issuer` names, or when `exp`
-//! is beyond what the clock can represent.
+//! is past the year 9999.
 //!
 //! The accepted algorithm follows from the configured key (HS256 for a secret, RS256 or ES256
 //! for a PEM public key), never from the token header: a header only selects among the keys the
@@ -29,6 +29,10 @@ use serde::Deserialize;
 
 use crate::channels::{is_redis_internal, Pattern, PublicChannels, SUB_PLACEHOLDER};
 use crate::config::{AuthSettings, ConfigError};
+
+/// The latest `exp` accepted: 9999-12-31T23:59:59Z. Anything later is a forged or broken
+/// token, and arithmetic on it could overflow the clock.
+const LATEST_EXP: u64 = 253_402_300_799;
 
 /// Why a request may not read what it asked for.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -182,6 +186,7 @@ impl Authorizer {
     fn expiry(&self, exp: u64) -> Result<SystemTime, Denied> {
         UNIX_EPOCH
             .checked_add(Duration::from_secs(exp))
+            .filter(|_| exp <= LATEST_EXP)
             .and_then(|at| at.checked_add(self.leeway))
             .ok_or_else(|| Denied::Unauthenticated("invalid token: `exp` out of range".into()))
     }

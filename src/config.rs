@@ -15,6 +15,8 @@ use crate::channels::Pattern;
 
 /// Default address of the public SSE listener.
 pub const DEFAULT_SERVER_LISTEN: &str = "0.0.0.0:8080";
+/// Longest accepted duration setting: one year, in seconds.
+pub const MAX_DURATION_SECS: u64 = 365 * 24 * 3600;
 /// Shortest HS256 secret start-up accepts without a warning: the hash's output size
 /// (RFC 7518 §3.2).
 pub const MIN_HS256_SECRET_BYTES: usize = 32;
@@ -572,6 +574,7 @@ impl Settings {
             ));
         }
         self.validate_security()?;
+        self.validate_durations()?;
         let field = &self.sse.event_type_field;
         if field.is_empty() {
             return Err(invalid(
@@ -582,6 +585,67 @@ impl Settings {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", format!("not a valid filter: {e}")))?;
         Ok(self)
+    }
+
+    /// Every duration at most a year: beyond that a value is a typo, and adding it to the clock
+    /// could overflow (a panic on the first connection instead of a start-up error).
+    fn validate_durations(&self) -> Result<(), ConfigError> {
+        let seconds = [
+            (
+                "server.shutdown_grace_secs",
+                self.server.shutdown_grace_secs,
+            ),
+            ("auth.leeway_secs", self.auth.leeway_secs),
+            (
+                "limits.header_read_timeout_secs",
+                self.limits.header_read_timeout_secs,
+            ),
+            ("limits.idle_timeout_secs", self.limits.idle_timeout_secs),
+            ("limits.write_stall_secs", self.limits.write_stall_secs),
+            (
+                "redis.connect_timeout_secs",
+                self.redis.connect_timeout_secs,
+            ),
+            ("redis.ping_interval_secs", self.redis.ping_interval_secs),
+            (
+                "redis.command_timeout_secs",
+                self.redis.command_timeout_secs,
+            ),
+            (
+                "redis.subscribe_timeout_secs",
+                self.redis.subscribe_timeout_secs,
+            ),
+            ("sse.heartbeat_secs", self.sse.heartbeat_secs),
+            ("history.max_age_secs", self.history.max_age_secs),
+            ("history.linger_secs", self.history.linger_secs),
+        ];
+        let milliseconds = [
+            (
+                "server.shutdown_retry_jitter_ms",
+                self.server.shutdown_retry_jitter_ms,
+            ),
+            (
+                "redis.reconnect_initial_ms",
+                self.redis.reconnect_initial_ms,
+            ),
+            ("redis.reconnect_max_ms", self.redis.reconnect_max_ms),
+            ("sse.retry_ms", self.sse.retry_ms),
+        ];
+        let too_long = seconds
+            .into_iter()
+            .find(|(_, value)| *value > MAX_DURATION_SECS)
+            .or_else(|| {
+                milliseconds
+                    .into_iter()
+                    .find(|(_, value)| *value > MAX_DURATION_SECS * 1000)
+            });
+        match too_long {
+            Some((key, value)) => Err(invalid(
+                key,
+                format!("{value} is more than a year ({MAX_DURATION_SECS} seconds)"),
+            )),
+            None => Ok(()),
+        }
     }
 
     fn validate_security(&mut self) -> Result<(), ConfigError> {
@@ -1001,6 +1065,15 @@ mod tests {
         assert!(err.contains("channels.max_total"), "{err}");
         let err = error_of("", &[("SSEHUB__SSE__RETRY_MS", "soon")]);
         assert!(err.contains("retry_ms"), "{err}");
+        let forever = u64::MAX.to_string();
+        let err = error_of(
+            "",
+            &[("SSEHUB__LIMITS__IDLE_TIMEOUT_SECS", forever.as_str())],
+        );
+        assert!(err.contains("limits.idle_timeout_secs"), "{err}");
+        let err = error_of("", &[("SSEHUB__SSE__RETRY_MS", "31536000001")]);
+        assert!(err.contains("sse.retry_ms"), "{err}");
+        assert!(load("[history]\nmax_age_secs = 31536000\n", &[]).is_ok());
     }
 
     #[test]

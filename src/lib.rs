@@ -465,7 +465,4 @@ fn log_settings(settings: &Settings, connection_cap: usize) {
         public_connections = connection_cap,
         "configuration (public_connections: the cap of the public listener, within the descriptor limit)"
     );
-    for warning in settings.warnings() {
-        tracing::warn!("risky configuration: {warning}");
-    }
 }

@@ -130,6 +130,10 @@ fn runtime_builder(worker_threads: usize) -> tokio::runtime::Builder {
 
 fn run(settings: Settings) -> ExitCode {
     init_logging(&settings);
+    // Once, before anything can fail on a socket, so the operator always sees them.
+    for warning in settings.warnings() {
+        tracing::warn!("risky configuration: {warning}");
+    }
     // Every stream is a descriptor: take the whole hard limit the process was given (the soft
     // limit is often 1,024). The public listener's connection cap is derived from the result.
     match rlimit::increase_nofile_limit(u64::MAX) {

@@ -261,6 +261,16 @@ async fn audience_and_issuer_are_enforced_when_configured() -> TestResult {
             401,
         ),
         (json!({"exp": exp, "channels": ["o"], "aud": "ssehub"}), 401),
+        // One issuer, as a string: an array naming it among others is not that.
+        (
+            json!({"exp": exp, "channels": ["o"], "aud": "ssehub",
+                   "iss": ["https://evil.example", "https://auth.example"]}),
+            401,
+        ),
+        (
+            json!({"exp": exp, "channels": ["o"], "aud": "ssehub", "iss": ["https://auth.example"]}),
+            401,
+        ),
     ];
     for (claims, expected) in cases {
         let auth = bearer(&hs256(&claims)?);
@@ -348,5 +358,112 @@ async fn tokens_are_ignored_when_no_key_is_configured() -> TestResult {
     let garbage = [("Authorization", "Bearer garbage")];
     assert_eq!(status_of(&gateway, "channel=news:x", &garbage).await?, 200);
     assert_eq!(status_of(&gateway, "channel=secret", &garbage).await?, 403);
+    gateway.stop().await
+}
+
+#[tokio::test]
+async fn a_token_expiring_beyond_what_the_clock_holds_is_401_not_a_crash() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let mut settings = auth_settings(&redis);
+    // With a leeway, `exp + leeway` overflowed the clock and panicked the request.
+    settings.auth.leeway_secs = 60;
+    let gateway = TestGateway::start_ready(settings).await?;
+    for exp in [
+        i64::MAX as u64,
+        i64::MAX as u64 - 30,
+        u64::MAX,
+        253_402_300_800,
+    ] {
+        let token = hs256(&json!({"exp": exp, "channels": ["orders"]}))?;
+        let auth = bearer(&token);
+        let status = status_of(&gateway, "channel=orders", &[("Authorization", &auth)]).await?;
+        assert_eq!(status, 401, "exp {exp}");
+    }
+    // A far but representable expiry is fine, and the gateway is still serving.
+    let token = hs256(&json!({"exp": now() + 100 * 365 * 86_400, "channels": ["orders"]}))?;
+    let auth = bearer(&token);
+    let mut client = gateway
+        .subscribe_with("channel=orders", &[("Authorization", &auth)])
+        .await?;
+    client.next_block().await?;
+    gateway.stop().await
+}
+
+#[tokio::test]
+async fn a_token_naming_critical_header_extensions_is_401() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let gateway = TestGateway::start_ready(auth_settings(&redis)).await?;
+    let mut header = Header::new(Algorithm::HS256);
+    header.crit = Some(vec!["x-unknown".to_string()]);
+    let token = jsonwebtoken::encode(
+        &header,
+        &claims(&["orders"]),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )?;
+    let auth = bearer(&token);
+    let (status, body) = open_status(
+        gateway.addr,
+        "/events?channel=orders",
+        &[("Authorization", &auth)],
+    )
+    .await?;
+    assert_eq!(status, 401);
+    assert!(body.unwrap_or_default().contains("crit"));
+    // The same claims without `crit` are accepted.
+    let plain = bearer(&hs256(&claims(&["orders"]))?);
+    let status = status_of(&gateway, "channel=orders", &[("Authorization", &plain)]).await?;
+    assert_eq!(status, 200);
+    gateway.stop().await
+}
+
+/// Sends a raw HTTP/1.1 request head (bytes a typed client refuses to send) and returns the
+/// status code.
+async fn raw_status(addr: std::net::SocketAddr, head: &[u8]) -> TestResult<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(head).await?;
+    let mut answer = [0u8; 12];
+    tokio::time::timeout(PATIENCE, stream.read_exact(&mut answer)).await??;
+    let status = std::str::from_utf8(&answer[9..12])?.parse()?;
+    Ok(status)
+}
+
+#[tokio::test]
+async fn a_non_ascii_cookie_does_not_hide_the_token_cookie_on_either_path() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let token = hs256(&claims(&["orders"]))?;
+    for fast_path in [true, false] {
+        let mut settings = auth_settings(&redis);
+        settings.server.http1_fast_path = fast_path;
+        let gateway = TestGateway::start_ready(settings).await?;
+        let mut head =
+            b"GET /events?channel=orders HTTP/1.1\r\nHost: gw\r\nCookie: pref=caf".to_vec();
+        head.extend_from_slice("é".as_bytes());
+        head.extend_from_slice(format!("; ssehub_token={token}\r\n\r\n").as_bytes());
+        assert_eq!(
+            raw_status(gateway.addr, &head).await?,
+            200,
+            "fast path {fast_path}"
+        );
+        gateway.stop().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_first_token_wins_in_every_source() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let gateway = TestGateway::start_ready(auth_settings(&redis)).await?;
+    let good = hs256(&claims(&["orders"]))?;
+    let first_good = format!("channel=orders&token={good}&token=garbage");
+    assert_eq!(status_of(&gateway, &first_good, &[]).await?, 200);
+    let first_bad = format!("channel=orders&token=garbage&token={good}");
+    assert_eq!(status_of(&gateway, &first_bad, &[]).await?, 401);
+    let cookies = format!("ssehub_token={good}; ssehub_token=garbage");
+    let by_cookie = [("Cookie", cookies.as_str())];
+    assert_eq!(
+        status_of(&gateway, "channel=orders", &by_cookie).await?,
+        200
+    );
     gateway.stop().await
 }

@@ -105,3 +105,56 @@ fn the_token_command_says_how_to_set_a_secret() -> support::TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn cors_origins_a_browser_never_sends_stop_start_up_naming_the_key() -> support::TestResult {
+    for origin in [
+        "https://app.example.com/",
+        "https://app.example.com/app",
+        "https://App.Example.com",
+    ] {
+        let output = run(&[], &[("SSEHUB__SERVER__CORS_ORIGINS", origin)])?;
+        assert_eq!(output.status.code(), Some(2), "{origin}");
+        let stderr = stderr(&output);
+        assert!(stderr.contains("server.cors_origins"), "{origin}: {stderr}");
+        assert!(
+            stderr.contains(&format!("`{origin}`")),
+            "{origin}: {stderr}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn risky_settings_are_warned_about_once() -> support::TestResult {
+    // Start-up fails later on the port in use, after the configuration was logged: no Redis
+    // or stream is needed to see what the gateway said about its settings.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = taken.local_addr()?.to_string();
+    let output = run(
+        &[],
+        &[
+            ("SSEHUB__SERVER__LISTEN", &addr),
+            ("SSEHUB__ADMIN__LISTEN", "127.0.0.1:0"),
+            ("SSEHUB__AUTH__JWT_SECRET", "short-secret"),
+            ("SSEHUB__CHANNELS__PUBLIC", "*"),
+        ],
+    )?;
+    let everything = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        stderr(&output)
+    );
+    for warning in [
+        "auth.jwt_secret: the HS256 secret is 12 bytes",
+        "channels.public contains \"*\"",
+    ] {
+        assert_eq!(
+            everything.matches(warning).count(),
+            1,
+            "{warning}: {everything}"
+        );
+    }
+    assert!(!everything.contains("admin.listen:"), "{everything}");
+    Ok(())
+}
