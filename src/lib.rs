@@ -134,6 +134,41 @@ pub mod fuzzing {
         crate::http::inspect_request(authorizer, epoch, 16, query, headers)
     }
 
+    /// The HS256 secret of [`authorize_token`]'s gateway, for targets that sign what they fuzz
+    /// so that validation past the signature is reached.
+    pub const TOKEN_SECRET: &str = "fuzz-token-secret-of-at-least-32-bytes";
+
+    /// Verifies `token` and authorizes `channels` with it, against a gateway configured with an
+    /// HS256 secret ([`TOKEN_SECRET`]), issuer `fuzz-issuer`, audience `fuzz-audience`, a
+    /// leeway of 60 s, public `news:*` and `user:{sub}` channels. Returns whether it was
+    /// accepted, or the 4xx message.
+    pub fn authorize_token(token: &str, channels: &[String]) -> Result<(), String> {
+        static AUTHORIZER: OnceLock<Option<crate::auth::Authorizer>> = OnceLock::new();
+        let authorizer = AUTHORIZER.get_or_init(|| {
+            let public = crate::channels::PublicChannels::new(&["news:*".to_string()]).ok()?;
+            let settings = crate::config::AuthSettings {
+                jwt_secret: serde_json::from_value(serde_json::json!(TOKEN_SECRET)).ok(),
+                user_channel: Some("user:{sub}".to_string()),
+                issuer: Some("fuzz-issuer".to_string()),
+                audience: Some("fuzz-audience".to_string()),
+                leeway_secs: 60,
+                ..Default::default()
+            };
+            crate::auth::Authorizer::new(public, &settings).ok()
+        });
+        let Some(authorizer) = authorizer else {
+            return Err("fuzz fixture failed to build".to_string());
+        };
+        let mut headers = http::HeaderMap::new();
+        let bearer = http::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|e| format!("not a header value: {e}"))?;
+        headers.insert(http::header::AUTHORIZATION, bearer);
+        authorizer
+            .authorize(&headers, None, channels)
+            .map(|_| ())
+            .map_err(|denied| denied.to_string())
+    }
+
     /// Classifies the first bytes of a connection the way every plain-text connection is
     /// classified before it is served (fast path, hyper, an error answer, or more bytes needed),
     /// and for a fast-path request runs the routing that follows. Returns what was decided.
