@@ -68,23 +68,30 @@ fn errors_name_the_variable_the_value_and_the_problem() -> support::TestResult {
     Ok(())
 }
 
-#[test]
-fn a_port_in_use_is_reported_once() -> support::TestResult {
+/// Runs the binary with its public port already taken, so start-up ends right after the
+/// configuration was checked and logged; returns the exit code, the address and everything
+/// it printed.
+fn run_on_a_taken_port(env: &[(&str, &str)]) -> support::TestResult<(Option<i32>, String, String)> {
     let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = taken.local_addr()?.to_string();
-    let output = run(
-        &[],
-        &[
-            ("SSEHUB__SERVER__LISTEN", &addr),
-            ("SSEHUB__ADMIN__LISTEN", "127.0.0.1:0"),
-        ],
-    )?;
-    assert_eq!(output.status.code(), Some(1));
+    let mut full_env = vec![
+        ("SSEHUB__SERVER__LISTEN", addr.as_str()),
+        ("SSEHUB__ADMIN__LISTEN", "127.0.0.1:0"),
+    ];
+    full_env.extend_from_slice(env);
+    let output = run(&[], &full_env)?;
     let everything = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
         stderr(&output)
     );
+    Ok((output.status.code(), addr, everything))
+}
+
+#[test]
+fn a_port_in_use_is_reported_once() -> support::TestResult {
+    let (code, addr, everything) = run_on_a_taken_port(&[])?;
+    assert_eq!(code, Some(1));
     assert_eq!(
         everything.matches("Address already in use").count(),
         1,
@@ -127,24 +134,10 @@ fn cors_origins_a_browser_never_sends_stop_start_up_naming_the_key() -> support:
 
 #[test]
 fn risky_settings_are_warned_about_once() -> support::TestResult {
-    // Start-up fails later on the port in use, after the configuration was logged: no Redis
-    // or stream is needed to see what the gateway said about its settings.
-    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = taken.local_addr()?.to_string();
-    let output = run(
-        &[],
-        &[
-            ("SSEHUB__SERVER__LISTEN", &addr),
-            ("SSEHUB__ADMIN__LISTEN", "127.0.0.1:0"),
-            ("SSEHUB__AUTH__JWT_SECRET", "short-secret"),
-            ("SSEHUB__CHANNELS__PUBLIC", "*"),
-        ],
-    )?;
-    let everything = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        stderr(&output)
-    );
+    let (_, _, everything) = run_on_a_taken_port(&[
+        ("SSEHUB__AUTH__JWT_SECRET", "short-secret"),
+        ("SSEHUB__CHANNELS__PUBLIC", "*"),
+    ])?;
     for warning in [
         "auth.jwt_secret: the HS256 secret is 12 bytes",
         "channels.public contains \"*\"",
