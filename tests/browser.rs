@@ -7,12 +7,16 @@
 //! package `chromium`; another path via `CHROMIUM`), `redis-server` and `redis-cli`.
 //! `SSEHUB_UPDATE_SCREENSHOT=1` rewrites `docs/demo.png`, the README's demo page screenshot.
 
+mod support;
+
 use std::error::Error;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use support::ScratchDir;
 
 /// The script's own hard limit is 120 s; this one only catches a hung `node`.
 const LIMIT: Duration = Duration::from_secs(180);
@@ -23,23 +27,6 @@ fn chromium() -> PathBuf {
     std::env::var_os("CHROMIUM")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"))
-}
-
-/// A directory under the temporary directory, removed on drop (also when the test fails).
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn create(name: &str) -> std::io::Result<ScratchDir> {
-        let path = std::env::temp_dir().join(name);
-        std::fs::create_dir_all(&path)?;
-        Ok(ScratchDir(path))
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Copies `stream` line by line to stderr (visible with `--nocapture`) and returns it all.

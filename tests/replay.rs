@@ -9,13 +9,10 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Stdio;
 
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::process::{Child, Command};
 
 /// Ring capacity of the memory test, as in the reported attack.
 const CAPACITY: usize = 1000;
@@ -31,67 +28,14 @@ const ROUNDS: usize = 4;
 /// 16 MiB per round (measured: +44.6 MiB here); bounded pieces: +0.2 to +10.8 MiB.
 const MAX_GROWTH_KIB: u64 = 24 * 1024;
 
-/// The gateway binary on loopback ports, with a config file in a temporary directory.
-struct Binary {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Binary {
-    async fn start(redis: &TestRedis) -> TestResult<Binary> {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let dir = std::env::temp_dir().join(format!("ssehub-replay-{}", admin.port()));
-        std::fs::create_dir_all(&dir)?;
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlisten = \"{addr}\"\n\n[admin]\nlisten = \"{admin}\"\n\n\
-                 [redis]\nurl = \"{}\"\n\n[history]\ncapacity = {CAPACITY}\n\n\
-                 [channels]\npublic = [\"*\"]\n\n[log]\nlevel = \"warn\"\n",
-                redis.url()
-            ),
-        )?;
-        let child = Command::new(env!("CARGO_BIN_EXE_ssehub"))
-            .env_clear()
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        let binary = Binary {
-            child,
-            addr,
-            admin,
-            dir,
-        };
-        eventually("the binary is ready", || async move {
-            matches!(get(admin, "/readyz", &[]).await, Ok((200, _)))
-        })
-        .await?;
-        Ok(binary)
-    }
-
-    /// The gateway's resident memory (`VmRSS`), in KiB.
-    fn rss_kib(&self) -> TestResult<u64> {
-        let pid = self.child.id().ok_or("the gateway exited")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let line = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .ok_or("no VmRSS line")?;
-        Ok(line.trim().trim_end_matches("kB").trim().parse()?)
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// The gateway binary with a ring of `CAPACITY` events.
+async fn start_binary(redis: &TestRedis) -> TestResult<GatewayProcess> {
+    let capacity = CAPACITY.to_string();
+    let env = [
+        ("SSEHUB__HISTORY__CAPACITY", capacity.as_str()),
+        ("SSEHUB__LOG__LEVEL", "warn"),
+    ];
+    GatewayProcess::start(redis, &env, None).await
 }
 
 /// Waits until the gateway has `count` open streams.
@@ -152,7 +96,7 @@ async fn open_stalled(addr: SocketAddr, id: &str) -> TestResult<TcpStream> {
 #[tokio::test]
 async fn a_resumed_client_that_never_reads_does_not_pin_evicted_history() -> TestResult {
     let redis = TestRedis::start().await?;
-    let gateway = Binary::start(&redis).await?;
+    let gateway = start_binary(&redis).await?;
     let mut reader = SseClient::open(gateway.addr, "/events?channel=big", &[])
         .await?
         .1;

@@ -3,89 +3,30 @@
 
 mod support;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 const RETRY_MS: u64 = 3000;
 const JITTER_MS: u64 = 5000;
 const GRACE_SECS: u64 = 5;
 
-struct Binary {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    /// Its (empty) configuration file, removed when the test ends, passed or failed.
-    _config: ScratchFile,
-}
-
-/// A file under the temporary directory, removed on drop (also when a test fails).
-struct ScratchFile(PathBuf);
-
-impl Drop for ScratchFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-async fn start_binary(redis: &TestRedis) -> TestResult<Binary> {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let config =
-        ScratchFile(std::env::temp_dir().join(format!("ssehub-shutdown-{}.toml", admin.port())));
-    // Every setting comes from the environment; the empty file keeps ./config.toml out.
-    std::fs::write(&config.0, "# all settings from the environment\n")?;
-    let child = Command::new(env!("CARGO_BIN_EXE_ssehub"))
-        .env_clear()
-        .env("SSEHUB__REDIS__URL", redis.url())
-        .env("SSEHUB__SERVER__LISTEN", addr.to_string())
-        .env("SSEHUB__ADMIN__LISTEN", admin.to_string())
-        .env("SSEHUB__CHANNELS__PUBLIC", "*")
-        .env("SSEHUB__SSE__RETRY_MS", RETRY_MS.to_string())
-        .env(
-            "SSEHUB__SERVER__SHUTDOWN_RETRY_JITTER_MS",
-            JITTER_MS.to_string(),
-        )
-        .env(
-            "SSEHUB__SERVER__SHUTDOWN_GRACE_SECS",
-            GRACE_SECS.to_string(),
-        )
-        .arg("--config")
-        .arg(&config.0)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let binary = Binary {
-        child,
-        addr,
-        admin,
-        _config: config,
-    };
-    eventually("the binary is ready", || async move {
-        matches!(get(admin, "/readyz", &[]).await, Ok((200, _)))
-    })
-    .await?;
-    Ok(binary)
-}
-
-async fn sigterm(child: &Child) -> TestResult {
-    let pid = child.id().ok_or("no pid")?;
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await?;
-    if !status.success() {
-        return Err("kill -TERM failed".into());
-    }
-    Ok(())
+/// The gateway binary with a short grace period and a known retry and jitter.
+async fn start_binary(redis: &TestRedis) -> TestResult<GatewayProcess> {
+    let (retry, jitter, grace) = (
+        RETRY_MS.to_string(),
+        JITTER_MS.to_string(),
+        GRACE_SECS.to_string(),
+    );
+    let env = [
+        ("SSEHUB__SSE__RETRY_MS", retry.as_str()),
+        ("SSEHUB__SERVER__SHUTDOWN_RETRY_JITTER_MS", jitter.as_str()),
+        ("SSEHUB__SERVER__SHUTDOWN_GRACE_SECS", grace.as_str()),
+    ];
+    GatewayProcess::start(redis, &env, None).await
 }
 
 /// Reads blocks until the stream ends; returns the `retry:` values seen after `skip` blocks.
@@ -122,10 +63,10 @@ async fn sigterm_sends_every_client_a_spread_retry_and_exits_within_grace() -> T
         .collect();
 
     let signalled = Instant::now();
-    sigterm(&binary.child).await?;
-    let status = tokio::time::timeout(Duration::from_secs(GRACE_SECS + 2), binary.child.wait())
-        .await
-        .map_err(|_| "the process did not exit within the grace period")??;
+    binary.terminate().await?;
+    let status = binary
+        .exit_within(Duration::from_secs(GRACE_SECS + 2))
+        .await?;
     let took = signalled.elapsed();
     assert!(status.success(), "exit status {status}");
     assert!(took < Duration::from_secs(GRACE_SECS), "exit took {took:?}");
@@ -178,7 +119,11 @@ const FLOOD_EVENTS: usize = 40;
 /// woken for the flood when draining starts sends its `retry:` and ends at once.) The client
 /// also asks for a tiny receive buffer, so how much the kernel takes off the gateway's hands
 /// does not depend on the machine's TCP buffer settings.
-async fn stuck_stream(binary: &Binary, redis: &TestRedis, channel: &str) -> TestResult<TcpStream> {
+async fn stuck_stream(
+    binary: &GatewayProcess,
+    redis: &TestRedis,
+    channel: &str,
+) -> TestResult<TcpStream> {
     let path = format!("/events?channel={channel}");
     let (status, mut first) = SseClient::open(binary.addr, &path, &[]).await?;
     assert_eq!(status, 200);
@@ -224,7 +169,7 @@ async fn readiness_fails_as_soon_as_draining_starts() -> TestResult {
     let mut binary = start_binary(&redis).await?;
     // Holds the drain open for the whole grace period, so the checks below run while draining.
     let stuck = stuck_stream(&binary, &redis, "flood").await?;
-    sigterm(&binary.child).await?;
+    binary.terminate().await?;
     let admin = binary.admin;
     eventually("/readyz answers 503 while draining", || async move {
         matches!(get(admin, "/readyz", &[]).await, Ok((503, body)) if body.contains("draining"))
@@ -233,12 +178,9 @@ async fn readiness_fails_as_soon_as_draining_starts() -> TestResult {
     // The admin listener is still up (liveness answers) until the process exits.
     let (health, _) = get(binary.admin, "/healthz", &[]).await?;
     assert_eq!(health, 200);
-    let status = tokio::time::timeout(
-        PATIENCE + Duration::from_secs(GRACE_SECS),
-        binary.child.wait(),
-    )
-    .await
-    .map_err(|_| "no exit after the grace period")??;
+    let status = binary
+        .exit_within(PATIENCE + Duration::from_secs(GRACE_SECS))
+        .await?;
     assert!(status.success());
     drop(stuck);
     Ok(())

@@ -710,6 +710,38 @@ impl GatewayProcess {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// The process's resident memory (`VmRSS`), in KiB.
+    pub fn rss_kib(&self) -> TestResult<u64> {
+        let pid = self.child.id().ok_or("the gateway exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let line = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .ok_or("no VmRSS line")?;
+        Ok(line.trim().trim_end_matches("kB").trim().parse()?)
+    }
+
+    /// Sends SIGTERM, as an orchestrator does to stop the gateway.
+    pub async fn terminate(&self) -> TestResult {
+        let pid = self.child.id().ok_or("the gateway exited")?;
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await?;
+        if !status.success() {
+            return Err("kill -TERM failed".into());
+        }
+        Ok(())
+    }
+
+    /// Waits at most `limit` for the process to exit; returns its exit status.
+    pub async fn exit_within(&mut self, limit: Duration) -> TestResult<std::process::ExitStatus> {
+        let status = timeout(limit, self.child.wait())
+            .await
+            .map_err(|_| format!("the gateway did not exit within {limit:?}"))??;
+        Ok(status)
+    }
 }
 
 impl Drop for GatewayProcess {
