@@ -20,6 +20,7 @@ const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
 const WINDOW_UPDATE: u8 = 0x8;
 const CONTINUATION: u8 = 0x9;
@@ -386,5 +387,53 @@ async fn streams_beyond_the_per_connection_limit_are_refused() -> TestResult {
         matches!(open_streams(gateway.admin).await, Ok(open) if open == 0.0)
     })
     .await?;
+    gateway.stop().await
+}
+
+#[tokio::test]
+async fn pings_do_not_keep_a_connection_without_requests_open() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let mut settings = test_settings(&redis);
+    settings.limits.idle_timeout_secs = 1;
+    let gateway = TestGateway::start_ready(settings).await?;
+    let (mut client, _) = RawH2::connect(gateway.addr).await?;
+    client.send(&get_request(1, "/nowhere")).await?;
+    let answer = client
+        .next_matching(|f| f.stream == 1 && f.flags & END_STREAM != 0)
+        .await?
+        .ok_or("closed before answering")?;
+    assert!(matches!(answer.kind, HEADERS | DATA), "{answer:?}");
+
+    // A PING every 200 ms keeps bytes moving both ways, but no request comes: still idle.
+    let started = tokio::time::Instant::now();
+    let mut closed = false;
+    while !closed && started.elapsed() < PATIENCE {
+        if client.send(&frame(PING, 0, 0, b"keepopen")).await.is_err() {
+            closed = true;
+            break;
+        }
+        let pause = tokio::time::sleep(std::time::Duration::from_millis(200));
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                _ = &mut pause => break,
+                frame = client.frames.recv() => if frame.is_none() {
+                    closed = true;
+                    break;
+                },
+            }
+        }
+    }
+    assert!(
+        closed,
+        "a connection kept busy with PINGs stayed open for {:?}",
+        started.elapsed()
+    );
+    let idle = metric(
+        gateway.admin,
+        "ssehub_tcp_connections_expired_total{listener=\"public\",reason=\"idle\"}",
+    )
+    .await?;
+    assert!(idle >= 1.0, "{idle}");
     gateway.stop().await
 }

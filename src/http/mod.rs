@@ -536,11 +536,15 @@ where
             activity: Some(activity.clone()),
         };
         let service = service_fn(move |mut request: Request<Incoming>| {
-            if let Some(activity) = &peer.activity {
-                activity.request_received();
-            }
+            let answering = peer.activity.as_ref().map(|a| a.request_received());
             request.extensions_mut().insert(peer.clone());
-            handle(endpoint.clone(), request)
+            let response = handle(endpoint.clone(), request);
+            async move {
+                // Not idle while the response is being produced (e.g. waiting for Redis).
+                let response = response.await;
+                drop(answering);
+                response
+            }
         });
         let connection = self
             .options
