@@ -38,6 +38,14 @@ async fn gateway_with_short_deadlines() -> TestResult<(TestRedis, TestGateway)> 
     Ok((redis, gateway))
 }
 
+/// Settings where the idle deadline is the first to act on a connection that was answered:
+/// hyper applies `header_read_timeout_secs` to every HTTP/1.1 keep-alive head too, so with
+/// equal values either could close it first.
+fn idle_before_header_timeout(settings: &mut ssehub::Settings) {
+    settings.limits.header_read_timeout_secs = 3;
+    settings.limits.idle_timeout_secs = 1;
+}
+
 #[tokio::test]
 async fn connections_that_send_no_request_are_closed_on_both_listeners() -> TestResult {
     let (_redis, gateway) = gateway_with_short_deadlines().await?;
@@ -111,5 +119,103 @@ async fn a_connection_carrying_a_stream_is_never_idle() -> TestResult {
     assert!(!connection.is_finished());
     redis.publish("kept", "still here").await?;
     assert_eq!(client.next_data(1).await?, ["still here"]);
+    gateway.stop().await
+}
+
+async fn tls_gateway_with_short_deadlines(
+    certificate: &TestCertificate,
+) -> TestResult<(TestRedis, TestGateway)> {
+    let redis = TestRedis::start().await?;
+    let mut settings = test_settings(&redis);
+    idle_before_header_timeout(&mut settings);
+    settings.server.tls = Some(certificate.tls_settings());
+    let gateway = TestGateway::start_ready(settings).await?;
+    Ok((redis, gateway))
+}
+
+async fn expired(gateway: &TestGateway, listener: &str, reason: &str) -> TestResult<f64> {
+    let series = format!(
+        "ssehub_tcp_connections_expired_total{{listener=\"{listener}\",reason=\"{reason}\"}}"
+    );
+    metric(gateway.admin, &series).await
+}
+
+#[tokio::test]
+async fn tls_sessions_that_send_nothing_after_the_handshake_are_closed() -> TestResult {
+    let certificate = TestCertificate::generate()?;
+    let (_redis, gateway) = tls_gateway_with_short_deadlines(&certificate).await?;
+    for alpn in [&b"h2"[..], b"http/1.1"] {
+        let mut silent = tls_connect(gateway.addr, &certificate.connector(alpn)?).await?;
+        assert_eq!(silent.get_ref().1.alpn_protocol(), Some(alpn));
+        assert!(
+            closed_within(&mut silent, PATIENCE).await,
+            "a silent TLS session with ALPN {} stayed open",
+            String::from_utf8_lossy(alpn)
+        );
+    }
+    // The metrics are process-wide, shared with the other tests of this file: at least.
+    let expired = expired(&gateway, "public", "first_request_timeout").await?;
+    assert!(expired >= 2.0, "{expired}");
+    gateway.stop().await
+}
+
+#[tokio::test]
+async fn idle_tls_connections_are_closed_after_one_request() -> TestResult {
+    let certificate = TestCertificate::generate()?;
+    let (_redis, gateway) = tls_gateway_with_short_deadlines(&certificate).await?;
+
+    let tls = tls_connect(gateway.addr, &certificate.connector(b"h2")?).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
+    let connection = tokio::spawn(connection);
+    let uri = format!("https://localhost:{}/nowhere", gateway.addr.port());
+    let request = hyper::Request::get(uri).body(Empty::<Bytes>::new())?;
+    assert_eq!(sender.send_request(request).await?.status(), 404);
+    tokio::time::timeout(PATIENCE, connection)
+        .await
+        .map_err(|_| "the idle TLS HTTP/2 connection stayed open")?
+        .ok();
+
+    let tls = tls_connect(gateway.addr, &certificate.connector(b"http/1.1")?).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+    let connection = tokio::spawn(connection);
+    let request = hyper::Request::get("/nowhere")
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())?;
+    assert_eq!(sender.send_request(request).await?.status(), 404);
+    tokio::time::timeout(PATIENCE, connection)
+        .await
+        .map_err(|_| "the idle TLS HTTP/1.1 connection stayed open")?
+        .ok();
+
+    let idle = expired(&gateway, "public", "idle").await?;
+    assert!(idle >= 2.0, "{idle}");
+    gateway.stop().await
+}
+
+#[tokio::test]
+async fn idle_admin_connections_are_closed_after_one_request() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let mut settings = test_settings(&redis);
+    idle_before_header_timeout(&mut settings);
+    let gateway = TestGateway::start_ready(settings).await?;
+    let mut keep_alive = TcpStream::connect(gateway.admin).await?;
+    keep_alive
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await?;
+    time_until_closed(keep_alive).await?;
+
+    let stream = TcpStream::connect(gateway.admin).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    let connection = tokio::spawn(connection);
+    let request = hyper::Request::get("/healthz").body(Empty::<Bytes>::new())?;
+    assert_eq!(sender.send_request(request).await?.status(), 200);
+    tokio::time::timeout(PATIENCE, connection)
+        .await
+        .map_err(|_| "the idle admin HTTP/2 connection stayed open")?
+        .ok();
+    let idle = expired(&gateway, "admin", "idle").await?;
+    assert!(idle >= 2.0, "{idle}");
     gateway.stop().await
 }

@@ -10,13 +10,17 @@
 //! - **first request**: a connection that has not sent a request within
 //!   `limits.header_read_timeout_secs` of being accepted (a silent socket, a bare HTTP/2 preface,
 //!   a TLS session that sends nothing after the handshake);
-//! - **idle**: a connection with no open stream that moved no byte for `limits.idle_timeout_secs`
-//!   (HTTP/1.1 keep-alive and HTTP/2 alike);
+//! - **idle**: a connection with no open stream and no request being answered that received no
+//!   request for `limits.idle_timeout_secs` (HTTP/1.1 keep-alive and HTTP/2 alike). Only
+//!   requests count, not bytes: HTTP/2 PINGs, SETTINGS or WINDOW_UPDATEs (and TLS records
+//!   without data) move bytes both ways at no cost to the client and would otherwise hold a
+//!   connection forever;
 //! - **write stall**: a connection whose writes found the socket full for
 //!   `limits.write_stall_secs` (a client that stopped reading).
 //!
-//! The watchdog learns how a connection moves from [`Tracked`], a thin wrapper around its
-//! socket, so hyper's connections need no hooks of their own. The HTTP/1.1 fast path owns its
+//! The watchdog learns of requests from the listener's service ([`Activity::request_received`])
+//! and of streams from the streams themselves, and of blocked writes from [`Tracked`], a thin
+//! wrapper around the socket, so hyper's connections need no hooks of their own. The HTTP/1.1 fast path owns its
 //! socket and applies the write stall itself (`fast_path`).
 
 use std::io;
@@ -219,12 +223,15 @@ pub(crate) struct ConnectionDeadlines {
 #[derive(Debug)]
 pub(crate) struct Activity {
     accepted_at: Instant,
-    /// Bumped by every read or write that moved bytes.
-    moved: AtomicU64,
     /// Requests received on the connection.
     requests: AtomicU64,
+    /// Requests whose response is not yet produced: a connection with one is never idle.
+    answering: AtomicUsize,
     /// SSE streams open on the connection: a connection with one is never idle.
     open_streams: AtomicUsize,
+    /// Milliseconds after `accepted_at` of the last request received, request answered or
+    /// stream closed: where the idle time is counted from.
+    last_active: AtomicU64,
     /// Milliseconds after `accepted_at` at which a write first found the socket full, plus one;
     /// `0` while writes go through.
     blocked_since: AtomicU64,
@@ -238,16 +245,22 @@ impl Activity {
     pub(crate) fn accepted_at(accepted_at: Instant) -> Activity {
         Activity {
             accepted_at,
-            moved: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            answering: AtomicUsize::new(0),
             open_streams: AtomicUsize::new(0),
+            last_active: AtomicU64::new(0),
             blocked_since: AtomicU64::new(0),
             stalled: AtomicBool::new(false),
         }
     }
 
-    pub(crate) fn request_received(&self) {
+    /// Counts a request; the connection is not idle until the returned guard is dropped
+    /// (when the response is produced).
+    pub(crate) fn request_received(self: &Arc<Self>) -> Answering {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        self.answering.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        Answering(self.clone())
     }
 
     pub(crate) fn stream_opened(&self) {
@@ -256,6 +269,22 @@ impl Activity {
 
     pub(crate) fn stream_closed(&self) {
         self.open_streams.fetch_sub(1, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// Restarts the idle time.
+    fn touch(&self) {
+        let now = self.accepted_at.elapsed().as_millis() as u64;
+        self.last_active.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Since when the connection is idle; `None` while it answers a request or carries a
+    /// stream.
+    fn idle_since(&self) -> Option<Instant> {
+        let busy = self.answering.load(Ordering::Relaxed) > 0
+            || self.open_streams.load(Ordering::Relaxed) > 0;
+        let last_active = Duration::from_millis(self.last_active.load(Ordering::Relaxed));
+        (!busy).then(|| self.accepted_at + last_active)
     }
 
     /// Whether the watchdog closed the connection because its writes stalled.
@@ -263,15 +292,10 @@ impl Activity {
         self.stalled.load(Ordering::Relaxed)
     }
 
-    fn moved(&self) {
-        self.moved.fetch_add(1, Ordering::Relaxed);
-    }
-
     fn write_went_through(&self) {
         if self.blocked_since.load(Ordering::Relaxed) != 0 {
             self.blocked_since.store(0, Ordering::Relaxed);
         }
-        self.moved();
     }
 
     fn write_blocked(&self) {
@@ -287,6 +311,17 @@ impl Activity {
             0 => None,
             since => Some(self.accepted_at + Duration::from_millis(since - 1)),
         }
+    }
+}
+
+/// A request being answered on a connection (see [`Activity::request_received`]).
+#[derive(Debug)]
+pub(crate) struct Answering(Arc<Activity>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.answering.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
     }
 }
 
@@ -315,8 +350,6 @@ impl Expiry {
 /// moment one could be due, so a busy connection costs a wake-up per deadline period, not per
 /// event.
 pub(crate) async fn watchdog(activity: &Activity, deadlines: ConnectionDeadlines) -> Expiry {
-    let mut last_moved = activity.moved.load(Ordering::Relaxed);
-    let mut quiet_since = activity.accepted_at;
     loop {
         let now = Instant::now();
         let first_request_due = activity.accepted_at + deadlines.first_request;
@@ -329,14 +362,13 @@ pub(crate) async fn watchdog(activity: &Activity, deadlines: ConnectionDeadlines
                 return Expiry::Stalled;
             }
         }
-        let moved = activity.moved.load(Ordering::Relaxed);
-        if moved != last_moved || activity.open_streams.load(Ordering::Relaxed) > 0 {
-            last_moved = moved;
-            quiet_since = now;
-        } else if now >= quiet_since + deadlines.idle {
+        let idle_since = activity.idle_since();
+        if idle_since.is_some_and(|since| now >= since + deadlines.idle) {
             return Expiry::Idle;
         }
-        let mut next = quiet_since + deadlines.idle;
+        // While busy, look again one idle period later: a stream open for hours costs a
+        // wake-up per period.
+        let mut next = idle_since.unwrap_or(now) + deadlines.idle;
         if activity.requests.load(Ordering::Relaxed) == 0 {
             next = next.min(first_request_due);
         }
@@ -352,7 +384,7 @@ pub(crate) async fn watchdog(activity: &Activity, deadlines: ConnectionDeadlines
     }
 }
 
-/// A socket that reports its traffic to the connection's [`Activity`].
+/// A socket that reports its blocked writes to the connection's [`Activity`].
 pub(crate) struct Tracked<T> {
     inner: T,
     activity: Arc<Activity>,
@@ -378,12 +410,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.moved();
-        }
-        result
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
@@ -455,15 +482,16 @@ mod tests {
         assert_eq!(watchdog(&silent, deadlines).await, Expiry::NoRequest);
         assert_eq!(started.elapsed().as_secs(), 10);
 
-        let idle = Activity::accepted_at(Instant::now());
-        idle.request_received();
+        let idle = Arc::new(Activity::accepted_at(Instant::now()));
+        drop(idle.request_received());
         let started = Instant::now();
         assert_eq!(watchdog(&idle, deadlines).await, Expiry::Idle);
         assert!((60..=61).contains(&started.elapsed().as_secs()));
 
         let streaming = Arc::new(Activity::accepted_at(Instant::now()));
-        streaming.request_received();
+        let answering = streaming.request_received();
         streaming.stream_opened();
+        drop(answering);
         let watched = streaming.clone();
         let watch = tokio::spawn(async move { watchdog(&watched, deadlines).await });
         tokio::time::sleep(Duration::from_secs(600)).await;
@@ -476,5 +504,30 @@ mod tests {
         assert_eq!(watch.await.ok(), Some(Expiry::Stalled));
         assert!(streaming.stalled());
         assert!(blocked_at.elapsed() <= Duration::from_secs(31));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_time_counts_from_the_last_answer_or_stream_not_from_traffic() {
+        let deadlines = ConnectionDeadlines {
+            first_request: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+            write_stall: None,
+        };
+        let activity = Arc::new(Activity::accepted_at(Instant::now()));
+        let watched = activity.clone();
+        let watch = tokio::spawn(async move { watchdog(&watched, deadlines).await });
+        // A request answered slowly (say, waiting for Redis) is not idle time.
+        let answering = activity.request_received();
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert!(!watch.is_finished(), "closed while answering");
+        drop(answering);
+        let answered = Instant::now();
+        // Writes that go through (PING answers, say) do not make a connection busy.
+        for _ in 0..10 {
+            activity.write_went_through();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        assert_eq!(watch.await.ok(), Some(Expiry::Idle));
+        assert!((60..=61).contains(&answered.elapsed().as_secs()));
     }
 }

@@ -272,10 +272,16 @@ impl ServeOptions {
             .timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout)
             .max_buf_size(limits.max_header_bytes);
+        // Every HTTP/2 protection is set here rather than left to hyper's defaults, which may
+        // change between releases: a header list (and so the CONTINUATION frames h2 accepts
+        // for one) bounded by `limits.max_header_bytes`, and the limits below.
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+            .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESET_STREAMS);
         ServeOptions {
             caps,
             deadlines: connection::ConnectionDeadlines {
@@ -300,6 +306,21 @@ impl ServeOptions {
         self.caps.capacity()
     }
 }
+
+/// Most streams open at once on one HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS); more
+/// are refused with REFUSED_STREAM. Each costs h2 state and, for `/events`, a stream: far more
+/// than a browser opens (one per EventSource of an origin), while `limits.max_connections_per_ip`
+/// and `limits.max_connections` still cap the streams a client holds in total.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Streams the client may reset before hyper accepts them before the connection is closed
+/// with GOAWAY ENHANCE_YOUR_CALM: the rapid-reset attack (CVE-2023-44487) opens and cancels
+/// streams faster than the server can serve them, so that each costs work but none counts
+/// against SETTINGS_MAX_CONCURRENT_STREAMS. A real client cancels an EventSource it just
+/// opened rarely; h2's own default, made explicit.
+const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Streams the server may reset because of the client's protocol errors before the connection
+/// is closed (the "MadeYouReset" variant of rapid reset, CVE-2025-8671); hyper's default.
+const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 
 /// Connections the public listener may hold: `limits.max_connections`, but never more than the
 /// process's descriptor limit minus [`DESCRIPTOR_RESERVE`]: past that, `accept` would fail
@@ -516,11 +537,15 @@ where
             activity: Some(activity.clone()),
         };
         let service = service_fn(move |mut request: Request<Incoming>| {
-            if let Some(activity) = &peer.activity {
-                activity.request_received();
-            }
+            let answering = peer.activity.as_ref().map(|a| a.request_received());
             request.extensions_mut().insert(peer.clone());
-            handle(endpoint.clone(), request)
+            let response = handle(endpoint.clone(), request);
+            async move {
+                // Not idle while the response is being produced (e.g. waiting for Redis).
+                let response = response.await;
+                drop(answering);
+                response
+            }
         });
         let connection = self
             .options

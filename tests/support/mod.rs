@@ -623,6 +623,87 @@ impl Drop for ScratchDir {
     }
 }
 
+/// A self-signed certificate for `localhost`, made by the test, its PEM files in a scratch
+/// directory removed on drop.
+pub struct TestCertificate {
+    pub cert_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
+    der: rustls::pki_types::CertificateDer<'static>,
+    _dir: ScratchDir,
+}
+
+/// The client side of a TLS connection to the gateway.
+pub type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+impl TestCertificate {
+    pub fn generate() -> TestResult<TestCertificate> {
+        static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let made = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = ScratchDir::create(&format!("ssehub-cert-{}-{made}", std::process::id()))?;
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
+        let cert_file = dir.0.join("cert.pem");
+        let key_file = dir.0.join("key.pem");
+        std::fs::write(&cert_file, certified.cert.pem())?;
+        std::fs::write(&key_file, certified.signing_key.serialize_pem())?;
+        Ok(TestCertificate {
+            cert_file,
+            key_file,
+            der: certified.cert.der().clone(),
+            _dir: dir,
+        })
+    }
+
+    /// `[server.tls]` serving this certificate.
+    pub fn tls_settings(&self) -> ssehub::config::TlsSettings {
+        ssehub::config::TlsSettings {
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+        }
+    }
+
+    /// A client that trusts only this certificate and offers only `alpn`.
+    pub fn connector(&self, alpn: &[u8]) -> TestResult<tokio_rustls::TlsConnector> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.der.clone())?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+            config,
+        )))
+    }
+}
+
+/// Connects to `addr` and completes a TLS handshake with `localhost`, within [`PATIENCE`].
+pub async fn tls_connect(
+    addr: SocketAddr,
+    connector: &tokio_rustls::TlsConnector,
+) -> TestResult<TlsStream> {
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    let handshake = async {
+        let tcp = TcpStream::connect(addr).await?;
+        connector.connect(name, tcp).await
+    };
+    Ok(timeout(PATIENCE, handshake).await??)
+}
+
+/// Reads until the peer closes the connection (end of stream or error), for at most `patience`;
+/// whether it closed.
+pub async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    patience: Duration,
+) -> bool {
+    let mut buffer = [0u8; 4096];
+    timeout(patience, async {
+        while matches!(tokio::io::AsyncReadExt::read(stream, &mut buffer).await, Ok(n) if n > 0) {}
+    })
+    .await
+    .is_ok()
+}
+
 /// The gateway binary as a child process, configured from the environment only, optionally
 /// under a lowered file-descriptor limit. Its log goes to a temporary file, removed on drop.
 pub struct GatewayProcess {
