@@ -271,8 +271,9 @@ pub struct LimitsSettings {
     pub max_payload_bytes: usize,
     /// New streams accepted per second (reconnect storms); more get `503`. `0` = no limit.
     pub max_new_connections_per_sec: u32,
-    /// Seconds a connection with no open stream may move no byte before it is closed
-    /// (HTTP/1.1 keep-alive, HTTP/2, TLS).
+    /// Seconds a connection with no open stream and no request being answered may go without
+    /// a new request before it is closed (HTTP/1.1 keep-alive, HTTP/2, TLS); traffic without
+    /// requests (HTTP/2 PINGs) does not count.
     pub idle_timeout_secs: u64,
     /// Seconds a connection's writes may find the socket full (a client that stopped reading)
     /// before it is closed. `0` = never.
