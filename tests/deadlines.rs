@@ -59,11 +59,7 @@ async fn connections_that_send_no_request_are_closed_on_both_listeners() -> Test
     preface_only.write_all(H2_PREFACE_AND_SETTINGS).await?;
     let waited = time_until_closed(preface_only).await?;
     assert!(waited < Duration::from_secs(3), "h2 preface: {waited:?}");
-    let expired = metric(
-        gateway.admin,
-        "ssehub_tcp_connections_expired_total{listener=\"public\",reason=\"first_request_timeout\"}",
-    )
-    .await?;
+    let expired = expired_connections(gateway.admin, "first_request_timeout").await?;
     assert!(expired >= 2.0, "{expired}");
     gateway.stop().await
 }
@@ -92,11 +88,7 @@ async fn idle_keep_alive_and_http2_connections_are_closed() -> TestResult {
         .map_err(|_| "the idle HTTP/2 connection stayed open")?
         .ok();
     assert!(started.elapsed() < Duration::from_secs(4));
-    let idle = metric(
-        gateway.admin,
-        "ssehub_tcp_connections_expired_total{listener=\"public\",reason=\"idle\"}",
-    )
-    .await?;
+    let idle = expired_connections(gateway.admin, "idle").await?;
     assert!(idle >= 1.0, "{idle}");
     gateway.stop().await
 }

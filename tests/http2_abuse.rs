@@ -429,11 +429,7 @@ async fn pings_do_not_keep_a_connection_without_requests_open() -> TestResult {
         "a connection kept busy with PINGs stayed open for {:?}",
         started.elapsed()
     );
-    let idle = metric(
-        gateway.admin,
-        "ssehub_tcp_connections_expired_total{listener=\"public\",reason=\"idle\"}",
-    )
-    .await?;
+    let idle = expired_connections(gateway.admin, "idle").await?;
     assert!(idle >= 1.0, "{idle}");
     gateway.stop().await
 }

@@ -115,11 +115,7 @@ async fn silent_tls_sessions_cannot_starve_normal_clients() -> TestResult {
             "a silent TLS session stayed open"
         );
     }
-    let expired = metric(
-        gateway.admin,
-        "ssehub_tcp_connections_expired_total{listener=\"public\",reason=\"first_request_timeout\"}",
-    )
-    .await?;
+    let expired = expired_connections(gateway.admin, "first_request_timeout").await?;
     assert!(expired >= held as f64, "{expired} expired of {held} held");
     let (status, _) = get(gateway.admin, "/readyz", &[]).await?;
     assert_eq!(status, 200);

@@ -606,6 +606,14 @@ pub async fn metric(admin: SocketAddr, series: &str) -> TestResult<f64> {
         .ok_or_else(|| format!("series {series} missing").into())
 }
 
+/// Connections of the public listener closed by a deadline (`first_request_timeout`, `idle`,
+/// `stalled`) so far.
+pub async fn expired_connections(admin: SocketAddr, reason: &str) -> TestResult<f64> {
+    let series =
+        format!("ssehub_tcp_connections_expired_total{{listener=\"public\",reason=\"{reason}\"}}");
+    metric(admin, &series).await
+}
+
 /// A directory under the temporary directory, removed on drop (also when the test fails).
 pub struct ScratchDir(pub std::path::PathBuf);
 
