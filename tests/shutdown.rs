@@ -113,12 +113,14 @@ const FLOOD_EVENTS: usize = 40;
 /// period, since the stream's final `retry:` stays behind bytes the socket never takes.
 ///
 /// Nothing here depends on timing. The flood is published and received first, then the stuck
-/// client resumes from before it: the stream queues the whole replay when it opens, ahead of
-/// its preamble being sent, so once the client has read the preamble every byte of the flood is
-/// queued. (Flooding a stream that is already open races with the shutdown: a stream not yet
-/// woken for the flood when draining starts sends its `retry:` and ends at once.) The client
-/// also asks for a tiny receive buffer, so how much the kernel takes off the gateway's hands
-/// does not depend on the machine's TCP buffer settings.
+/// client resumes from before it. (Flooding a stream that is already open races with the
+/// shutdown: a stream not yet woken for the flood when draining starts sends its `retry:` and
+/// ends at once.) A replay is read one piece at a time as the socket takes it, so a stream
+/// whose last piece just went into the socket may have nothing queued for a moment: the helper
+/// returns only once the bytes handed to the socket stopped growing, when the socket is full
+/// and the stream holds unsent bytes for good. The client also asks for a tiny receive buffer,
+/// so how much the kernel takes off the gateway's hands does not depend on the machine's TCP
+/// buffer settings.
 async fn stuck_stream(
     binary: &GatewayProcess,
     redis: &TestRedis,
@@ -160,7 +162,25 @@ async fn stuck_stream(
     })
     .await
     .map_err(|_| "no stream preamble")??;
+    socket_filled(binary.admin).await?;
     Ok(stuck)
+}
+
+/// Waits until `ssehub_bytes_sent_total` holds still across three scrapes in a row.
+async fn socket_filled(admin: std::net::SocketAddr) -> TestResult {
+    let mut last = -1.0;
+    let mut unchanged = 0;
+    let deadline = Instant::now() + PATIENCE;
+    while unchanged < 3 {
+        if Instant::now() > deadline {
+            return Err("the bytes sent to the stuck client never stopped growing".into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let sent = metric(admin, "ssehub_bytes_sent_total").await?;
+        unchanged = if sent == last { unchanged + 1 } else { 0 };
+        last = sent;
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
