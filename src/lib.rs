@@ -27,6 +27,7 @@
 pub mod auth;
 pub mod channels;
 pub mod config;
+pub mod functions;
 mod http;
 pub mod hub;
 pub mod metrics;
