@@ -4,27 +4,25 @@ mod support;
 
 use std::process::Output;
 
-/// Runs the binary with an empty configuration file, `args` and `env` only.
+/// Runs started so far, naming each run's directory.
+static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Runs the binary with an empty configuration file, `args` and `env` only. Each run has a
+/// directory of its own: the tests of this file run in parallel.
 fn run(args: &[&str], env: &[(&str, &str)]) -> support::TestResult<Output> {
-    let dir = std::env::temp_dir().join(format!("ssehub-startup-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let config = dir.join(format!("{}.toml", rand_suffix()));
+    let scratch = support::ScratchDir::create(&format!(
+        "ssehub-startup-{}-{}",
+        std::process::id(),
+        RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ))?;
+    let config = scratch.0.join("config.toml");
     std::fs::write(&config, "")?;
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ssehub"));
     command.arg("--config").arg(&config).args(args).env_clear();
     for (key, value) in env {
         command.env(key, value);
     }
-    let output = command.output();
-    let _ = std::fs::remove_file(&config);
-    let _ = std::fs::remove_dir(&dir);
-    Ok(output?)
-}
-
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
+    Ok(command.output()?)
 }
 
 fn stderr(output: &Output) -> String {
