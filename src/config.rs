@@ -344,6 +344,22 @@ pub struct HistorySettings {
     pub max_age_secs: u64,
     /// Seconds a channel stays subscribed (and its history kept) after its last client left.
     pub linger_secs: u64,
+    /// Where the history lives and who assigns event ids (`history.backend`).
+    pub backend: HistoryBackend,
+}
+
+/// Where each channel's history lives (`history.backend`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub enum HistoryBackend {
+    /// In each gateway's memory: ids are this process's own, so a client resumes exactly only
+    /// on the instance it read from. Serves plain `PUBLISH`.
+    #[default]
+    #[serde(rename = "memory")]
+    Memory,
+    /// In Redis, written by the `ssehub_publish` function: ids are assigned there, so every
+    /// instance of a fleet resumes every client exactly.
+    #[serde(rename = "redis")]
+    Redis,
 }
 
 /// `[channels]`
@@ -472,6 +488,7 @@ impl Default for HistorySettings {
             capacity: DEFAULT_HISTORY_CAPACITY,
             max_age_secs: DEFAULT_HISTORY_MAX_AGE_SECS,
             linger_secs: DEFAULT_HISTORY_LINGER_SECS,
+            backend: HistoryBackend::default(),
         }
     }
 }
@@ -1034,6 +1051,21 @@ mod tests {
         ] {
             assert_eq!(check_redis_url(url), Ok(()), "{url}");
         }
+    }
+
+    #[test]
+    fn history_backend_is_memory_unless_set_and_other_values_name_the_key() {
+        assert_eq!(
+            load("", &[]).map(|s| s.history.backend).ok(),
+            Some(HistoryBackend::Memory)
+        );
+        let redis = load("[history]\nbackend = \"redis\"\n", &[]);
+        assert_eq!(
+            redis.map(|s| s.history.backend).ok(),
+            Some(HistoryBackend::Redis)
+        );
+        let err = error_of("[history]\nbackend = \"disk\"\n", &[]);
+        assert!(err.contains("history.backend"), "{err}");
     }
 
     #[test]
