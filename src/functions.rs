@@ -9,7 +9,12 @@
 //! - `FCALL ssehub_position 1 <channel>`: the channel's current position, creating its epoch;
 //! - `FCALL_RO ssehub_read 1 <channel> <epoch> <id> <count>`: the events after a position, or
 //!   why they cannot be given (`history_expired`, `unknown_position`);
+//! - `FCALL ssehub_tail 1 <channel> <count>`: the channel's position and most recent events,
+//!   what a gateway loads when it starts serving the channel;
 //! - `FCALL_RO ssehub_version 0`: the library's version.
+//!
+//! It also owns the key layout's one rule that the gateway needs outside Lua: where a channel's
+//! keys and live broadcast channel are ([`key_base`], [`live_channel`], [`channel_of_live`]).
 
 use redis::aio::ConnectionLike;
 
@@ -33,6 +38,49 @@ pub struct LibraryBounds {
     pub idempotency_ms: u64,
     /// Largest payload stored (`limits.max_payload_bytes`): larger ones are refused.
     pub max_payload_bytes: usize,
+}
+
+/// Prefix of the keys of a channel whose name has a hash tag (`{...}`), which Redis Cluster
+/// hashes alone; mirrors `base_of` in the Lua source.
+const TAGGED_PREFIX: &str = "ssehub:t:";
+/// Prefix of the keys of a channel without a hash tag: the whole name becomes the tag.
+const UNTAGGED_PREFIX: &str = "ssehub:{";
+/// Suffix of the channel live events are broadcast on.
+const LIVE_SUFFIX: &str = ":live";
+
+/// Whether `name` has a Redis Cluster hash tag: a `{` followed later by a `}` with at least one
+/// byte between them.
+fn has_hash_tag(name: &str) -> bool {
+    name.find('{')
+        .and_then(|open| name[open + 1..].find('}'))
+        .is_some_and(|distance| distance > 0)
+}
+
+/// The common prefix of channel `name`'s keys, or `None` for a name the library refuses (a `}`
+/// without a hash tag, which would put the keys of different channels in one slot).
+pub fn key_base(name: &str) -> Option<String> {
+    if has_hash_tag(name) {
+        Some(format!("{TAGGED_PREFIX}{name}"))
+    } else if name.contains('}') {
+        None
+    } else {
+        Some(format!("{UNTAGGED_PREFIX}{name}}}"))
+    }
+}
+
+/// The pub/sub channel the library broadcasts channel `name`'s events on.
+pub fn live_channel(name: &str) -> Option<String> {
+    key_base(name).map(|base| base + LIVE_SUFFIX)
+}
+
+/// The channel whose events are broadcast on `live`, the inverse of [`live_channel`].
+pub fn channel_of_live(live: &str) -> Option<&str> {
+    let base = live.strip_suffix(LIVE_SUFFIX)?;
+    if let Some(name) = base.strip_prefix(TAGGED_PREFIX) {
+        return has_hash_tag(name).then_some(name);
+    }
+    let name = base.strip_prefix(UNTAGGED_PREFIX)?.strip_suffix('}')?;
+    (!has_hash_tag(name) && !name.contains('}')).then_some(name)
 }
 
 /// The library source with `bounds` filled in.
@@ -81,6 +129,20 @@ pub async fn load_library(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_channels_map_back_to_their_channel_and_never_collide() {
+        for name in ["orders", "{x}", "x", "user:{42}:feed", "a{b", "a{"] {
+            let live = live_channel(name);
+            assert_eq!(live.as_deref().and_then(channel_of_live), Some(name), "{name}");
+        }
+        assert_ne!(live_channel("{x}"), live_channel("x"));
+        assert_eq!(key_base("a}b"), None);
+        // Redis reads no tag in "{}..." (nothing between the braces): refused like "a}b".
+        assert_eq!(key_base("{}{x}"), None);
+        assert_eq!(channel_of_live("orders"), None);
+        assert_eq!(channel_of_live("ssehub:t:orders:live"), None);
+    }
 
     #[test]
     fn every_placeholder_is_filled() {

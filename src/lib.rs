@@ -31,6 +31,7 @@ pub mod functions;
 mod http;
 pub mod hub;
 pub mod metrics;
+pub mod position;
 pub mod sse;
 pub mod upstream;
 

@@ -3,7 +3,8 @@
 -- fleet gives an event the same position, and the history lives where the ids are assigned.
 --
 -- Every key of channel C hashes to C's own slot (FCALL declares C as its one key):
---   base = "ssehub:C" when C has a hash tag, "ssehub:{C}" otherwise
+--   base = "ssehub:t:C" when C has a hash tag, "ssehub:{C}" otherwise (the `t:` keeps a tagged
+--          "{x}" and an untagged "x" apart)
 --   base..":h"    stream of events; fields p (payload), v (the previous id, "" for the first)
 --   base..":m"    hash; e (epoch), l (last id)
 --   base..":i:K"  idempotency record of key K: the position it published
@@ -28,7 +29,7 @@ local function base_of(channel)
   if open then
     local close = string.find(channel, '}', open + 1, true)
     if close and close > open + 1 then
-      return 'ssehub:' .. channel
+      return 'ssehub:t:' .. channel
     end
   end
   if string.find(channel, '}', 1, true) then
@@ -196,11 +197,49 @@ local function read(keys, args)
   return reply
 end
 
+-- The channel's most recent events (at most `count`, within the age bound) and its position,
+-- creating the epoch like `ssehub_position`: what a gateway loads when it starts serving a
+-- channel, so it can resume clients that read elsewhere. Reply:
+--   {epoch, last, start, id1, prev1, payload1, id2, ...}
+-- where `start` is the position just before the first event returned (its `prev`; `last` when
+-- none is returned).
+local function tail(keys, args)
+  local base = base_of(keys[1] or '')
+  local count = tonumber(args[1] or '')
+  if base == nil or #keys ~= 1 or count == nil or count < 1 then
+    return redis.error_reply('ERR usage: FCALL ssehub_tail 1 <channel> <count>')
+  end
+  local current = position(keys)
+  local space = string.find(current, ' ', 1, true)
+  local epoch, last = string.sub(current, 1, space - 1), string.sub(current, space + 1)
+  local entries = redis.call('XREVRANGE', base .. ':h', '+', '-', 'COUNT', count)
+  local oldest_kept = MAX_AGE_MS > 0 and now_ms() - MAX_AGE_MS or nil
+  local kept = {}
+  for _, entry in ipairs(entries) do
+    if oldest_kept and tonumber(string.match(entry[1], '^(%d+)-')) < oldest_kept then
+      break
+    end
+    table.insert(kept, 1, entry)
+  end
+  local start = last
+  if #kept > 0 then
+    start = kept[1][2][4]
+  end
+  local reply = {epoch, last, start}
+  for _, entry in ipairs(kept) do
+    table.insert(reply, entry[1])
+    table.insert(reply, entry[2][4])
+    table.insert(reply, entry[2][2])
+  end
+  return reply
+end
+
 local function version()
   return VERSION
 end
 
 redis.register_function('ssehub_publish', publish)
 redis.register_function('ssehub_position', position)
+redis.register_function('ssehub_tail', tail)
 redis.register_function{function_name = 'ssehub_read', callback = read, flags = {'no-writes'}}
 redis.register_function{function_name = 'ssehub_version', callback = version, flags = {'no-writes'}}
