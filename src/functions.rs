@@ -83,6 +83,23 @@ pub fn channel_of_live(live: &str) -> Option<&str> {
     (!has_hash_tag(name) && !name.contains('}')).then_some(name)
 }
 
+/// How long the keys of a channel nobody publishes to are kept, at least.
+const MIN_KEY_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+
+impl LibraryBounds {
+    /// The bounds the configuration sets.
+    pub fn from_settings(settings: &crate::config::Settings) -> LibraryBounds {
+        let max_age_ms = settings.history.max_age_secs.saturating_mul(1000);
+        LibraryBounds {
+            capacity: settings.history.capacity,
+            max_age_ms,
+            key_ttl_ms: max_age_ms.max(MIN_KEY_TTL_MS),
+            idempotency_ms: 300_000,
+            max_payload_bytes: settings.limits.max_payload_bytes,
+        }
+    }
+}
+
 /// The library source with `bounds` filled in.
 pub fn library_source(bounds: &LibraryBounds) -> String {
     SOURCE
@@ -134,7 +151,11 @@ mod tests {
     fn live_channels_map_back_to_their_channel_and_never_collide() {
         for name in ["orders", "{x}", "x", "user:{42}:feed", "a{b", "a{"] {
             let live = live_channel(name);
-            assert_eq!(live.as_deref().and_then(channel_of_live), Some(name), "{name}");
+            assert_eq!(
+                live.as_deref().and_then(channel_of_live),
+                Some(name),
+                "{name}"
+            );
         }
         assert_ne!(live_channel("{x}"), live_channel("x"));
         assert_eq!(key_base("a}b"), None);

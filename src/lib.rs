@@ -270,6 +270,8 @@ impl Gateway {
                 hub.clone(),
                 subscribe_requests,
                 settings.redis.clone(),
+                (settings.history.backend == config::HistoryBackend::Redis)
+                    .then(|| functions::LibraryBounds::from_settings(&settings)),
                 stop.clone(),
             ),
         );

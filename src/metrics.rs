@@ -400,3 +400,13 @@ pub fn tcp_connection_expired(listener: &'static str, reason: &'static str) {
 pub fn payload_dropped(reason: &'static str) {
     counter!(PAYLOADS_DROPPED, "reason" => reason).increment(1);
 }
+
+/// A read of the shared history in Redis (redis backend), by outcome.
+pub fn history_read(outcome: &'static str) {
+    counter!("ssehub_history_reads_total", "outcome" => outcome).increment(1);
+}
+
+/// Events read from Redis after a subscription gap (redis backend).
+pub fn upstream_recovered_events(count: u64) {
+    counter!("ssehub_upstream_recovered_events_total").increment(count);
+}

@@ -93,6 +93,23 @@ impl WireFrame {
         WireFrame::build(data.len() + 64, |out| put_event(out, id, event_type, data))
     }
 
+    /// Encodes one event without its `id:` line (redis backend): each stream sends the id of its
+    /// own position right in front of it, as an [`WireFrame::id_line`]. The client sees one
+    /// event: the blank line that dispatches it comes only at the end of this frame.
+    pub fn event_body(event_type: Option<&str>, data: &str) -> WireFrame {
+        WireFrame::build(data.len() + 32, |out| put_event_body(out, event_type, data))
+    }
+
+    /// `id: <id>` and a line break, no blank line: the first line of the event whose body
+    /// follows it (see [`WireFrame::event_body`]).
+    pub fn id_line(id: &str) -> WireFrame {
+        WireFrame::build(id.len() + 5, |out| {
+            out.put_slice(b"id: ");
+            out.put_slice(id.as_bytes());
+            out.put_u8(b'\n');
+        })
+    }
+
     /// Builds a chunk around the frame that `write` appends. The size line is only known once
     /// the frame is written, so room for the longest one is left in front and the real one is
     /// written right before the frame; the unused room is skipped without a copy.
@@ -146,15 +163,20 @@ impl WireFrame {
 }
 
 /// Encodes one event: `id:`, optional `event:`, then the payload as `data:` lines.
-pub fn encode_event(id: EventId<'_>, event_type: Option<&str>, data: &str) -> Bytes {
+pub fn encode_event(id: impl fmt::Display, event_type: Option<&str>, data: &str) -> Bytes {
     let mut out = BytesMut::with_capacity(data.len() + 64);
     put_event(&mut out, id, event_type, data);
     out.freeze()
 }
 
-fn put_event(out: &mut BytesMut, id: EventId<'_>, event_type: Option<&str>, data: &str) {
+fn put_event(out: &mut BytesMut, id: impl fmt::Display, event_type: Option<&str>, data: &str) {
     // Writing into a `BytesMut` cannot fail.
     let _ = writeln!(out, "id: {id}");
+    put_event_body(out, event_type, data);
+}
+
+/// An event's fields after its `id:` line, and the blank line that ends it.
+fn put_event_body(out: &mut BytesMut, event_type: Option<&str>, data: &str) {
     if let Some(event_type) = event_type {
         put_field(out, "event", event_type);
     }
@@ -166,7 +188,7 @@ fn put_event(out: &mut BytesMut, id: EventId<'_>, event_type: Option<&str>, data
 
 /// The first frame of every stream: the reconnection delay and the position the stream starts
 /// from, as an id-only frame (sets the client's last event id without firing an event).
-pub fn encode_preamble(retry_ms: u64, id: EventId<'_>) -> Bytes {
+pub fn encode_preamble(retry_ms: u64, id: impl fmt::Display) -> Bytes {
     Bytes::from(format!("retry: {retry_ms}\nid: {id}\n\n"))
 }
 
@@ -201,7 +223,7 @@ impl ResetReason {
 }
 
 /// Encodes a `gateway.reset` event for `channels`, positioned at `id`.
-pub fn encode_reset(id: EventId<'_>, reason: ResetReason, channels: &[&str]) -> Bytes {
+pub fn encode_reset(id: impl fmt::Display, reason: ResetReason, channels: &[&str]) -> Bytes {
     #[derive(serde::Serialize)]
     struct Reset<'a> {
         reason: &'a str,

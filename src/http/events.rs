@@ -12,6 +12,7 @@ use super::{ApiError, ResponseBody};
 use crate::auth::{Authorizer, Denied};
 use crate::channels;
 use crate::config::Settings;
+use crate::functions;
 use crate::hub::Hub;
 
 /// Header name EventSource uses to resume.
@@ -69,6 +70,17 @@ impl EventsEndpoint {
         let admitted = self.admission.admit(peer, request.headers())?;
         let resume_from = resume_id(request.headers(), query.last_event_id.as_deref());
 
+        if self.hub.redis_backend() {
+            if let Some(name) = query
+                .channels
+                .iter()
+                .find(|name| functions::key_base(name).is_none())
+            {
+                return Err(ApiError::BadRequest(format!(
+                    "channel {name:?}: with the redis backend a name with `}}` needs a {{hash tag}}"
+                )));
+            }
+        }
         let lease = self
             .hub
             .acquire(&query.channels)
@@ -78,6 +90,9 @@ impl EventsEndpoint {
             return Err(ApiError::Unavailable(
                 "the Redis subscription for this channel is not available; retry later".to_string(),
             ));
+        }
+        if let (true, Some(id)) = (self.hub.redis_backend(), resume_from.as_deref()) {
+            self.hub.wait_reachable(&lease, id, wait).await;
         }
         let start = StreamStart {
             resume_from: resume_from.as_deref(),

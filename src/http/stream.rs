@@ -28,8 +28,11 @@ use tokio::time::{Instant, Sleep};
 
 use super::admission::Admitted;
 use super::connection::Activity;
-use crate::hub::{Drain, DrainWatch, EntryKind, Hub, Lease, Registration, Skipped};
+use crate::hub::{
+    Drain, DrainWatch, EntryKind, Hub, Lease, Located, Origin, Registration, Skipped,
+};
 use crate::metrics::{self, CloseReason, ResumeOutcome};
+use crate::position::{self, Position};
 use crate::sse::{self, Epoch, ResetReason, WireFrame};
 
 /// An open SSE stream over the channels of one [`Lease`].
@@ -44,6 +47,11 @@ pub(crate) struct EventStream {
     resume: Option<ResumeTally>,
     /// Channels whose history fell off, skipped until their `history_expired` reset is sent.
     skipped: Option<Skipped>,
+    /// Redis backend: where each channel stands in Redis for this client (the id it is sent).
+    positions: Option<Vec<Position>>,
+    /// Redis backend: per channel, the position this stream reads it from when that is later
+    /// than the cursor (a resume whose channels were read up to different points).
+    floors: Option<Vec<u64>>,
     /// Frames read but not yet handed to the writer: at most one piece, plus control frames.
     pending: VecDeque<Outgoing>,
     /// This stream's entries in its channels' wake-up lists, one per leased channel.
@@ -161,6 +169,9 @@ impl EventStream {
         start: StreamStart<'_>,
         drain: Arc<Drain>,
     ) -> EventStream {
+        if hub.redis_backend() {
+            return EventStream::open_on_redis_history(hub, lease, start, drain);
+        }
         // The first poll registers for wake-ups and then reads again, so nothing appended
         // between this read and that poll is missed.
         let head = hub.head();
@@ -169,34 +180,11 @@ impl EventStream {
             Resume::From(position) => position,
             Resume::Fresh | Resume::Unknown => head,
         };
-        let mut stream = EventStream {
-            pending: VecDeque::new(),
-            listening: (0..lease.len()).map(|_| Registration::default()).collect(),
-            drain,
-            drain_watch: DrainWatch::default(),
-            heartbeat: Box::pin(tokio::time::sleep(start.heartbeat)),
-            heartbeat_every: start.heartbeat,
-            last_write: Instant::now(),
-            shutdown_retry: (start.retry_ms, start.shutdown_retry_jitter_ms),
-            expiry: start
-                .expires_at
-                .map(|at| Box::pin(tokio::time::sleep(until(at)))),
-            finished: None,
-            _admitted: start.admitted,
-            connection: start.connection,
-            cursor,
-            replay_until: head,
-            resume: None,
-            skipped: None,
-            lease,
-            hub,
-        };
-        metrics::stream_opened();
-        if let Some(connection) = &stream.connection {
-            connection.stream_opened();
-        }
+        let retry_ms = start.retry_ms;
+        let mut stream = EventStream::new(hub, lease, start, drain, cursor);
+        stream.replay_until = head;
         let position = stream.hub.epoch().id(cursor);
-        let preamble = sse::encode_preamble(start.retry_ms, position);
+        let preamble = sse::encode_preamble(retry_ms, position);
         stream.pending.push_back(Outgoing::encoded(&preamble));
         if resume == Resume::Unknown {
             let names: Vec<&str> = stream.lease.names().collect();
@@ -216,6 +204,131 @@ impl EventStream {
         stream
     }
 
+    /// A stream at `cursor` (also where its replay ends, unless told otherwise), counted open.
+    fn new(
+        hub: Arc<Hub>,
+        lease: Lease,
+        start: StreamStart<'_>,
+        drain: Arc<Drain>,
+        cursor: u64,
+    ) -> EventStream {
+        let stream = EventStream {
+            pending: VecDeque::new(),
+            listening: (0..lease.len()).map(|_| Registration::default()).collect(),
+            drain,
+            drain_watch: DrainWatch::default(),
+            heartbeat: Box::pin(tokio::time::sleep(start.heartbeat)),
+            heartbeat_every: start.heartbeat,
+            last_write: Instant::now(),
+            shutdown_retry: (start.retry_ms, start.shutdown_retry_jitter_ms),
+            expiry: start
+                .expires_at
+                .map(|at| Box::pin(tokio::time::sleep(until(at)))),
+            finished: None,
+            _admitted: start.admitted,
+            connection: start.connection,
+            cursor,
+            replay_until: cursor,
+            resume: None,
+            skipped: None,
+            positions: None,
+            floors: None,
+            lease,
+            hub,
+        };
+        metrics::stream_opened();
+        if let Some(connection) = &stream.connection {
+            connection.stream_opened();
+        }
+        stream
+    }
+
+    /// Opens a stream with the redis backend: its id is each channel's position in Redis, and a
+    /// resume id is looked up channel by channel in the rings, which hold the history loaded
+    /// from Redis (so it resumes clients that read on other instances too).
+    fn open_on_redis_history(
+        hub: Arc<Hub>,
+        lease: Lease,
+        start: StreamStart<'_>,
+        drain: Arc<Drain>,
+    ) -> EventStream {
+        let head = hub.head();
+        let current: Vec<Position> = (0..lease.len())
+            .filter_map(|index| hub.position_at(&lease, index, head))
+            .collect();
+        let resume_from = start.resume_from;
+        let retry_ms = start.retry_ms;
+        let mut stream = EventStream::new(hub, lease, start, drain, head);
+        let channels = stream.lease.len();
+        let wanted = resume_from.and_then(|id| position::parse_id(id, channels));
+        let Some(wanted) = wanted.filter(|_| current.len() == channels) else {
+            // A fresh stream; or an id that is no position of these channels, which the
+            // preamble leaves in place (so a cut right after it still resets next time).
+            let preamble = match resume_from {
+                None => sse::encode_preamble(retry_ms, position::encode_id(&current)),
+                Some(_) => Bytes::from(format!("retry: {retry_ms}\n\n")),
+            };
+            stream.pending.push_back(Outgoing::encoded(&preamble));
+            stream.positions = Some(current);
+            if resume_from.is_some() {
+                let all: Vec<usize> = (0..channels).collect();
+                stream.reset_channels(&all, ResetReason::UnknownPosition);
+                metrics::resumed(ResumeOutcome::Reset(ResetReason::UnknownPosition));
+            }
+            return stream;
+        };
+        let preamble = sse::encode_preamble(retry_ms, position::encode_id(&wanted));
+        stream.pending.push_back(Outgoing::encoded(&preamble));
+        let mut floors = vec![head; channels];
+        let (mut expired, mut unknown) = (Vec::new(), Vec::new());
+        for (index, position) in wanted.iter().enumerate() {
+            match stream.hub.locate(&stream.lease, index, position) {
+                Located::At(seq) => floors[index] = seq,
+                Located::Expired => expired.push(index),
+                Located::Unknown | Located::Ahead => unknown.push(index),
+            }
+        }
+        stream.positions = Some(wanted);
+        stream.cursor = floors.iter().copied().min().unwrap_or(head);
+        stream.floors = Some(floors);
+        for (channels, reason) in [
+            (&unknown, ResetReason::UnknownPosition),
+            (&expired, ResetReason::HistoryExpired),
+        ] {
+            if !channels.is_empty() {
+                stream.reset_channels(channels, reason);
+            }
+        }
+        if unknown.is_empty() {
+            stream.resume = Some(ResumeTally {
+                expired: !expired.is_empty(),
+                ..ResumeTally::default()
+            });
+        } else {
+            metrics::resumed(ResumeOutcome::Reset(ResetReason::UnknownPosition));
+        }
+        stream.read_next_piece();
+        stream
+    }
+
+    /// Redis backend: moves `channels` to their current position and queues a reset for them,
+    /// carrying the stream's id from there.
+    fn reset_channels(&mut self, channels: &[usize], reason: ResetReason) {
+        let head = self.hub.head();
+        let Some(positions) = self.positions.as_mut() else {
+            return;
+        };
+        for &index in channels {
+            if let Some(current) = self.hub.position_at(&self.lease, index, head) {
+                positions[index] = current;
+            }
+        }
+        let names: Vec<&str> = channels.iter().map(|i| self.lease.name(*i)).collect();
+        let reset = sse::encode_reset(position::encode_id(positions), reason, &names);
+        self.pending.push_back(Outgoing::encoded(&reset));
+        metrics::reset_sent(reason);
+    }
+
     /// Moves the next piece after the cursor into `pending`, turning gaps and fall-offs into
     /// resets.
     fn read_next_piece(&mut self) {
@@ -223,35 +336,54 @@ impl EventStream {
             self.count_resume_if_replayed();
             return;
         }
-        let batch = self
-            .hub
-            .read(&self.lease, self.cursor, self.skipped.as_ref());
-        let epoch = self.hub.epoch();
+        let batch = self.hub.read(
+            &self.lease,
+            self.cursor,
+            self.skipped.as_ref(),
+            self.floors.as_deref(),
+        );
+        let hub = self.hub.clone();
+        let epoch = hub.epoch();
         let replaying = self.cursor < self.replay_until;
         // Consumed, so each event's frame moves into `pending` without another reference count.
         let mut items = batch.items.into_iter().peekable();
         while let Some((channel, entry)) = items.next() {
             match entry.kind {
-                EntryKind::Event { frame, received_at } => {
+                EntryKind::Event {
+                    frame,
+                    received_at,
+                    origin,
+                } => {
                     let kind = if entry.seq <= self.replay_until {
                         OutgoingKind::Replayed
                     } else {
                         OutgoingKind::Live(received_at)
                     };
+                    if let Some(origin) = origin {
+                        self.queue_id_line(channel, &origin);
+                    }
                     self.pending.push_back(Outgoing { frame, kind });
                 }
-                EntryKind::Gap => {
+                EntryKind::Gap { reason, position } => {
                     // One reconnect puts a gap at the same position in every channel it hit:
                     // report them together.
-                    let mut names = vec![self.lease.name(channel)];
-                    while let Some((other, _)) = items.next_if(|(_, next)| {
-                        next.seq == entry.seq && matches!(next.kind, EntryKind::Gap)
+                    self.move_position(channel, position);
+                    let mut gapped = vec![channel];
+                    while let Some((other, next)) = items.next_if(|(_, next)| {
+                        next.seq == entry.seq && matches!(next.kind, EntryKind::Gap { .. })
                     }) {
-                        names.push(self.lease.name(other));
+                        gapped.push(other);
+                        if let EntryKind::Gap { position, .. } = next.kind {
+                            self.move_position(other, position);
+                        }
                     }
-                    let id = epoch.id(entry.seq);
-                    let reason = ResetReason::UpstreamInterrupted;
-                    let reset = sse::encode_reset(id, reason, &names);
+                    let names: Vec<&str> = gapped.iter().map(|i| self.lease.name(*i)).collect();
+                    let reset = match &self.positions {
+                        Some(positions) => {
+                            sse::encode_reset(position::encode_id(positions), reason, &names)
+                        }
+                        None => sse::encode_reset(epoch.id(entry.seq), reason, &names),
+                    };
                     self.pending.push_back(Outgoing::encoded(&reset));
                     metrics::reset_sent(reason);
                     if entry.seq <= self.replay_until {
@@ -271,8 +403,38 @@ impl EventStream {
             self.skip_fallen_off(batch.fell_off, batch.head);
         }
         self.cursor = batch.limit;
+        if self
+            .floors
+            .as_ref()
+            .is_some_and(|floors| floors.iter().all(|floor| *floor <= self.cursor))
+        {
+            self.floors = None;
+        }
         self.send_due_expiry_reset();
         self.count_resume_if_replayed();
+    }
+
+    /// Redis backend: queues the `id:` line of the event about to be queued, whose origin is
+    /// `origin`. A one-channel stream's id is the event's own position, encoded once for all
+    /// its readers; a stream over several channels has an id of its own.
+    fn queue_id_line(&mut self, channel: usize, origin: &Origin) {
+        let Some(positions) = self.positions.as_mut() else {
+            return;
+        };
+        positions[channel] = origin.position.clone();
+        let line = if positions.len() == 1 {
+            origin.id_line.clone()
+        } else {
+            WireFrame::id_line(&position::encode_id(positions))
+        };
+        self.pending.push_back(Outgoing::control(line));
+    }
+
+    /// Redis backend: records channel `channel`'s position after a gap.
+    fn move_position(&mut self, channel: usize, position: Option<Position>) {
+        if let (Some(positions), Some(position)) = (self.positions.as_mut(), position) {
+            positions[channel] = position;
+        }
     }
 
     /// Skips channels whose history fell off up to `head`, the position their reset will carry
@@ -301,9 +463,18 @@ impl EventStream {
             .iter()
             .map(|i| self.lease.name(*i))
             .collect();
-        let id = self.hub.epoch().id(skipped.until);
         let reason = ResetReason::HistoryExpired;
-        let reset = sse::encode_reset(id, reason, &names);
+        let reset = match self.positions.as_mut() {
+            Some(positions) => {
+                for &index in &skipped.channels {
+                    if let Some(at) = self.hub.position_at(&self.lease, index, skipped.until) {
+                        positions[index] = at;
+                    }
+                }
+                sse::encode_reset(position::encode_id(positions), reason, &names)
+            }
+            None => sse::encode_reset(self.hub.epoch().id(skipped.until), reason, &names),
+        };
         self.pending.push_back(Outgoing::encoded(&reset));
         metrics::reset_sent(reason);
     }

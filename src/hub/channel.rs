@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use super::ring::Ring;
 use super::wakers::WakerSet;
 use super::HistoryLimits;
+use crate::position::Position;
 
 /// One channel: its ring and the signal that wakes its readers.
 #[derive(Debug)]
@@ -38,6 +39,7 @@ impl Channel {
                 status: Status::Pending,
                 last_drop_log: None,
                 expiry_scheduled: false,
+                stored: None,
             }),
             changed: watch::Sender::new(()),
             readers: WakerSet::default(),
@@ -53,6 +55,9 @@ pub(super) struct ChannelState {
     pub(super) last_drop_log: Option<Instant>,
     /// Whether `Hub::expiries` holds a ticket for this channel.
     pub(super) expiry_scheduled: bool,
+    /// Redis backend: the channel's position in Redis after the last event received, delivered
+    /// or dropped; the next event must follow it, or events were missed.
+    pub(super) stored: Option<Position>,
 }
 
 /// Where a channel's Redis subscription stands.

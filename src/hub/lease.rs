@@ -17,11 +17,14 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::channel::{Channel, ChannelKey, Slot, Status};
+use super::ring::Located;
 use super::wakers::Registration;
 use super::{Hub, SubscribeRequest, UpstreamRequest};
 
 /// How often the channel cap may log that it bit.
 const CAP_LOG_INTERVAL: Duration = Duration::from_secs(5);
+/// How often [`Hub::wait_reachable`] looks again.
+const REACHABLE_POLL: Duration = Duration::from_millis(5);
 
 /// A request was refused because it needs more new channels than the hub can make room for
 /// under `channels.max_total` (every other channel has a reader).
@@ -151,6 +154,29 @@ impl Hub {
             }
         };
         tokio::time::timeout(timeout, wait_all).await.is_ok() && lease.all_subscribed()
+    }
+
+    /// Redis backend: waits, up to `timeout`, until every channel of a client's resume id is
+    /// no longer ahead of this instance. A client that read an event on another instance may
+    /// come back here before the event reached this instance's subscription; it must get the
+    /// rest, not an `unknown_position` reset.
+    pub async fn wait_reachable(&self, lease: &Lease, resume_id: &str, timeout: Duration) {
+        let Some(wanted) = crate::position::parse_id(resume_id, lease.len()) else {
+            return;
+        };
+        let deadline = Instant::now() + timeout;
+        // Bounded by the deadline; a poll, since the rare wait is short and every append
+        // would otherwise have to check for waiters.
+        while Instant::now() < deadline {
+            let ahead = wanted
+                .iter()
+                .enumerate()
+                .any(|(index, position)| self.locate(lease, index, position) == Located::Ahead);
+            if !ahead {
+                return;
+            }
+            tokio::time::sleep(REACHABLE_POLL).await;
+        }
     }
 
     /// Frees `count` lingering channels, oldest idle first, sparing the channels in `wanted`

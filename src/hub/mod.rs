@@ -23,6 +23,7 @@
 //! - `channel`: one channel (ring, subscription status) and its slot in the channel map.
 //! - `lease`: [`Lease`], acquiring and releasing channels, and the channel cap.
 //! - `publish`: the upstream task's side: appends, subscription confirmations, outages.
+//! - `stored`: the same for the redis backend, whose events carry their position in Redis.
 //! - `read`: a stream's reads, one bounded piece at a time.
 //! - `upkeep`: the clock's work: freeing lingering channels, evicting history by age.
 //! - `ring`, `wakers` (wake-up lists and the [`Drain`] signal), `deadlines` (upkeep tickets).
@@ -33,6 +34,7 @@ mod lease;
 mod publish;
 mod read;
 mod ring;
+mod stored;
 mod upkeep;
 mod wakers;
 
@@ -44,7 +46,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::Settings;
+use crate::config::{HistoryBackend, Settings};
 use crate::sse::Epoch;
 
 use channel::{Channel, ChannelKey, Slot, Status};
@@ -55,7 +57,8 @@ pub use publish::{DropReason, PublishOutcome};
 pub(crate) use read::Skipped;
 #[cfg(test)]
 pub(crate) use read::PIECE_MAX_ENTRIES;
-pub(crate) use ring::EntryKind;
+pub(crate) use ring::{EntryKind, Located, Origin};
+pub use stored::{StoredEvent, StoredOutcome, Tail};
 pub use upkeep::Sweep;
 pub use wakers::Drain;
 pub(crate) use wakers::DrainWatch;
@@ -96,6 +99,9 @@ pub struct HubSettings {
     pub max_channels: usize,
     /// `sse.event_type_field`: the JSON field that names an event's SSE `event:` type.
     pub event_type_field: String,
+    /// `history.backend = "redis"`: events carry their position in Redis, and ids are made of
+    /// those positions.
+    pub redis_backend: bool,
 }
 
 impl From<&Settings> for HubSettings {
@@ -107,6 +113,7 @@ impl From<&Settings> for HubSettings {
             max_payload_bytes: settings.limits.max_payload_bytes,
             max_channels: settings.channels.max_total,
             event_type_field: settings.sse.event_type_field.clone(),
+            redis_backend: settings.history.backend == HistoryBackend::Redis,
         }
     }
 }
@@ -147,6 +154,7 @@ pub struct Hub {
     /// What the cap did since it was last logged (the log is rate limited).
     cap_log: Mutex<CapLog>,
     event_type_field: String,
+    redis_backend: bool,
     next_generation: AtomicU64,
 }
 
@@ -181,6 +189,7 @@ impl Hub {
             max_channels: settings.max_channels,
             cap_log: Mutex::new(CapLog::default()),
             event_type_field: settings.event_type_field,
+            redis_backend: settings.redis_backend,
             next_generation: AtomicU64::new(1),
         };
         (Arc::new(hub), requests)
@@ -189,6 +198,11 @@ impl Hub {
     /// The epoch of this run; ids carry it.
     pub fn epoch(&self) -> &Epoch {
         &self.epoch
+    }
+
+    /// Whether the history lives in Redis (`history.backend = "redis"`).
+    pub fn redis_backend(&self) -> bool {
+        self.redis_backend
     }
 
     /// The current head position.

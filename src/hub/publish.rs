@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::channel::{Channel, ChannelState, Status};
 use super::ring::{Entry, EntryKind};
 use super::{Hub, SubscribeRequest};
-use crate::sse;
+use crate::sse::{self, ResetReason};
 
 /// How often a channel may log dropped payloads.
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(60);
@@ -59,7 +59,7 @@ impl DropReason {
 
 impl Hub {
     /// Makes the next position the head. Single writer: the upstream task.
-    fn advance_head(&self) -> u64 {
+    pub(super) fn advance_head(&self) -> u64 {
         let seq = self.head.load(Ordering::Relaxed) + 1;
         self.head.store(seq, Ordering::Release);
         seq
@@ -67,7 +67,12 @@ impl Hub {
 
     /// Appends `entry` to a channel's ring, making sure the channel has an expiry ticket.
     /// Returns how many entries were evicted to make room.
-    fn append(&self, channel: &Arc<Channel>, state: &mut ChannelState, entry: Entry) -> usize {
+    pub(super) fn append(
+        &self,
+        channel: &Arc<Channel>,
+        state: &mut ChannelState,
+        entry: Entry,
+    ) -> usize {
         let evicted = state.ring.push(entry);
         if !state.expiry_scheduled {
             if let Some(due) = self.expiry_due(&state.ring) {
@@ -76,6 +81,29 @@ impl Hub {
             }
         }
         evicted
+    }
+
+    /// The payload as text, or why it is dropped (the drop log is rate limited per channel).
+    pub(super) fn check_payload<'p>(
+        &self,
+        state: &mut ChannelState,
+        payload: &'p [u8],
+        received_at: Instant,
+    ) -> Result<&'p str, PublishOutcome> {
+        let text = if payload.len() > self.limits.max_payload_bytes {
+            Err(DropReason::TooLarge)
+        } else {
+            std::str::from_utf8(payload).map_err(|_| DropReason::InvalidUtf8)
+        };
+        text.map_err(|reason| {
+            let log = state
+                .last_drop_log
+                .is_none_or(|at| received_at.duration_since(at) >= DROP_LOG_INTERVAL);
+            if log {
+                state.last_drop_log = Some(received_at);
+            }
+            PublishOutcome::Dropped { reason, log }
+        })
     }
 
     /// Appends a Redis message to its channel's ring.
@@ -88,29 +116,20 @@ impl Hub {
             // Before confirmation no client has been promised this message.
             return PublishOutcome::NotWanted;
         }
-        let text = if payload.len() > self.limits.max_payload_bytes {
-            Err(DropReason::TooLarge)
-        } else {
-            std::str::from_utf8(payload).map_err(|_| DropReason::InvalidUtf8)
-        };
-        let text = match text {
+        let text = match self.check_payload(&mut state, payload, received_at) {
             Ok(text) => text,
-            Err(reason) => {
-                let log = state
-                    .last_drop_log
-                    .is_none_or(|at| received_at.duration_since(at) >= DROP_LOG_INTERVAL);
-                if log {
-                    state.last_drop_log = Some(received_at);
-                }
-                return PublishOutcome::Dropped { reason, log };
-            }
+            Err(dropped) => return dropped,
         };
         let seq = self.head.load(Ordering::Relaxed) + 1;
         let event_type = sse::event_type_of(text, &self.event_type_field);
         let frame = sse::WireFrame::event(self.epoch.id(seq), event_type.as_deref(), text);
         let entry = Entry {
             seq,
-            kind: EntryKind::Event { frame, received_at },
+            kind: EntryKind::Event {
+                frame,
+                received_at,
+                origin: None,
+            },
             appended_at: received_at,
         };
         let evicted = self.append(&channel, &mut state, entry);
@@ -141,11 +160,14 @@ impl Hub {
         for channel in channels {
             let mut state = channel.state.write();
             match state.status {
-                Status::Pending => state.ring.start_at(seq),
+                Status::Pending => state.ring.start_at(seq, None),
                 Status::Interrupted => {
                     let gap = Entry {
                         seq,
-                        kind: EntryKind::Gap,
+                        kind: EntryKind::Gap {
+                            reason: ResetReason::UpstreamInterrupted,
+                            position: None,
+                        },
                         appended_at: now,
                     };
                     self.append(&channel, &mut state, gap);

@@ -5,8 +5,9 @@
 //! and about [`PIECE_MAX_BYTES`] of frames), so a stream far behind holds one piece at a time
 //! rather than the whole replay.
 
-use super::ring::Entry;
+use super::ring::{Entry, Located};
 use super::{Hub, Lease};
+use crate::position::Position;
 
 /// Most entries one [`Hub::read`] returns.
 pub(crate) const PIECE_MAX_ENTRIES: usize = 64;
@@ -44,7 +45,16 @@ impl Hub {
     /// time however far behind it is. The piece covers every entry up to its `limit`: a stream
     /// that moves its cursor there neither skips nor repeats an entry. Channels in `skipped`
     /// are left out, and the piece does not go past `skipped.until`.
-    pub(crate) fn read(&self, lease: &Lease, cursor: u64, skipped: Option<&Skipped>) -> Batch {
+    ///
+    /// `floors` (redis backend, one per channel) start some channels later than the cursor: a
+    /// client resuming on this instance may have read its channels up to different positions.
+    pub(crate) fn read(
+        &self,
+        lease: &Lease,
+        cursor: u64,
+        skipped: Option<&Skipped>,
+        floors: Option<&[u64]>,
+    ) -> Batch {
         // Load the head before reading rings: every entry up to it is already appended, so no
         // entry below the new cursor can be missed by a ring read that raced an append.
         let head = self.head();
@@ -60,7 +70,8 @@ impl Hub {
                 continue;
             }
             let state = channel.state.read();
-            let Ok(entries) = state.ring.entries_after(cursor, limit) else {
+            let from = floors.map_or(cursor, |floors| floors[index].max(cursor));
+            let Ok(entries) = state.ring.entries_after(from, limit) else {
                 batch.fell_off.push(index);
                 continue;
             };
@@ -83,6 +94,24 @@ impl Hub {
         }
         batch.limit = cut_to_one_piece(&mut batch.items, limit);
         batch
+    }
+}
+
+impl Hub {
+    /// Finds a client's position in Redis in channel `index` of the lease (redis backend).
+    pub(crate) fn locate(&self, lease: &Lease, index: usize, wanted: &Position) -> Located {
+        lease.channels[index].state.read().ring.locate(wanted)
+    }
+
+    /// Channel `index`'s position in Redis once everything up to `seq` is read, or its current
+    /// one when `seq` is older than its ring (redis backend).
+    pub(crate) fn position_at(&self, lease: &Lease, index: usize, seq: u64) -> Option<Position> {
+        let state = lease.channels[index].state.read();
+        state
+            .ring
+            .position_at(seq)
+            .or(state.ring.current_position())
+            .cloned()
     }
 }
 
@@ -156,13 +185,17 @@ mod tests {
             if cursor >= hub.head() {
                 break;
             }
-            let piece = hub.read(lease, cursor, None);
+            let piece = hub.read(lease, cursor, None, None);
             assert!(piece.fell_off.is_empty());
             assert!(piece.limit > cursor, "a piece always makes progress");
             pieces.push(piece.items.len());
             for (channel, entry) in &piece.items {
                 assert!(entry.seq > cursor && entry.seq <= piece.limit);
-                entries.push((*channel, entry.seq, matches!(entry.kind, EntryKind::Gap)));
+                entries.push((
+                    *channel,
+                    entry.seq,
+                    matches!(entry.kind, EntryKind::Gap { .. }),
+                ));
             }
             cursor = piece.limit;
         }
@@ -177,7 +210,7 @@ mod tests {
         for _ in 0..200 {
             publish(&hub, "orders");
         }
-        let piece = hub.read(&lease, start, None);
+        let piece = hub.read(&lease, start, None, None);
         assert_eq!(piece.items.len(), PIECE_MAX_ENTRIES);
         assert_eq!(piece.limit, start + PIECE_MAX_ENTRIES as u64);
 
@@ -187,7 +220,7 @@ mod tests {
         for _ in 0..10 {
             hub.publish("orders", large.as_bytes(), Instant::now());
         }
-        let piece = hub.read(&lease, from, None);
+        let piece = hub.read(&lease, from, None, None);
         let bytes: usize = piece.items.iter().map(|(_, e)| e.kind.byte_len()).sum();
         assert_eq!(piece.items.len(), 4, "{bytes} bytes");
         assert!(bytes >= PIECE_MAX_BYTES && bytes < PIECE_MAX_BYTES + large.len() + 100);
@@ -201,7 +234,7 @@ mod tests {
         let from = hub.head();
         hub.publish("orders", huge.as_bytes(), Instant::now());
         hub.publish("orders", huge.as_bytes(), Instant::now());
-        let piece = hub.read(&lease, from, None);
+        let piece = hub.read(&lease, from, None, None);
         assert_eq!((piece.items.len(), piece.limit), (1, from + 1));
     }
 
@@ -254,11 +287,11 @@ mod tests {
             let mut cursor = start;
             let mut gap_pieces = Vec::new();
             while cursor < hub.head() {
-                let piece = hub.read(&lease, cursor, None);
+                let piece = hub.read(&lease, cursor, None, None);
                 let gaps: Vec<usize> = piece
                     .items
                     .iter()
-                    .filter(|(_, e)| matches!(e.kind, EntryKind::Gap))
+                    .filter(|(_, e)| matches!(e.kind, EntryKind::Gap { .. }))
                     .map(|(channel, e)| {
                         assert_eq!(e.seq, gap);
                         *channel
@@ -290,7 +323,7 @@ mod tests {
             publish(&hub, "b");
             publish(&hub, "a");
         }
-        let piece = hub.read(&lease, start, None);
+        let piece = hub.read(&lease, start, None, None);
         assert_eq!(piece.fell_off, vec![0]);
         assert_eq!(piece.head, hub.head());
         assert!(piece.items.iter().all(|(channel, _)| *channel == 1));
@@ -303,7 +336,7 @@ mod tests {
         let mut cursor = piece.limit;
         let mut b_entries = piece.items.len();
         while cursor < skipped.until {
-            let piece = hub.read(&lease, cursor, Some(&skipped));
+            let piece = hub.read(&lease, cursor, Some(&skipped), None);
             assert!(piece.fell_off.is_empty());
             assert!(piece.items.iter().all(|(channel, _)| *channel == 1));
             b_entries += piece.items.len();
@@ -311,7 +344,7 @@ mod tests {
         }
         assert_eq!((b_entries, cursor), (100, hub.head()));
         // Read from a position still held, a is complete again.
-        let piece = hub.read(&lease, hub.head() - 1, None);
+        let piece = hub.read(&lease, hub.head() - 1, None, None);
         assert!(piece.fell_off.is_empty());
         assert_eq!(piece.items.len(), 1);
     }

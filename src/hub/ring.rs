@@ -3,13 +3,20 @@
 //! A ring holds the most recent entries of one channel in sequence order, bounded by a count and
 //! an age. It remembers the highest sequence it can no longer vouch for (`complete_since`), so a
 //! reader whose cursor is older learns that it fell off instead of silently skipping events.
+//!
+//! With the redis backend every entry also carries its position in Redis (see `position`), and
+//! the ring knows the position it is complete from, so a client's resume id, assigned in Redis,
+//! can be found in it ([`Ring::locate`]).
 
+use std::cmp::Ordering;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::sse::WireFrame;
+use crate::position::Position;
+use crate::sse::{ResetReason, WireFrame};
 
 /// One position in a channel's history.
 #[derive(Clone, Debug)]
@@ -27,22 +34,64 @@ pub(crate) struct Entry {
 pub(crate) enum EntryKind {
     /// A published message, already SSE-encoded with its id; shared by every reader.
     Event {
-        /// The complete SSE frame, inside its HTTP/1.1 chunk.
+        /// The complete SSE frame, inside its HTTP/1.1 chunk. With the redis backend the frame
+        /// has no `id:` line: streams send the one of their own position in front of it.
         frame: WireFrame,
         /// When the upstream read the message from Redis (for latency accounting).
         received_at: Instant,
+        /// Where Redis put the event (redis backend only).
+        origin: Option<Arc<Origin>>,
     },
-    /// The Redis subscription was interrupted just before this position: messages may be lost.
-    Gap,
+    /// Messages may be lost just before this position: the stream sends a reset.
+    Gap {
+        /// Why (the reset's reason).
+        reason: ResetReason,
+        /// The channel's position in Redis after the gap (redis backend only).
+        position: Option<Position>,
+    },
+}
+
+/// An event's place in the shared history (redis backend).
+#[derive(Debug)]
+pub(crate) struct Origin {
+    /// The channel's position once this event is delivered.
+    pub(crate) position: Position,
+    /// `id: <position>\n` inside its HTTP/1.1 chunk: the id line of a one-channel stream,
+    /// encoded once for all of them.
+    pub(crate) id_line: WireFrame,
 }
 
 impl EntryKind {
     pub(crate) fn byte_len(&self) -> usize {
         match self {
-            EntryKind::Event { frame, .. } => frame.http1_chunk().len(),
-            EntryKind::Gap => 0,
+            EntryKind::Event { frame, origin, .. } => {
+                frame.http1_chunk().len()
+                    + origin.as_ref().map_or(0, |o| o.id_line.http1_chunk().len())
+            }
+            EntryKind::Gap { .. } => 0,
         }
     }
+
+    /// The channel's position in Redis once this entry is read (redis backend).
+    pub(crate) fn position(&self) -> Option<&Position> {
+        match self {
+            EntryKind::Event { origin, .. } => origin.as_ref().map(|o| &o.position),
+            EntryKind::Gap { position, .. } => position.as_ref(),
+        }
+    }
+}
+
+/// Where a client's position (redis backend) is in a ring.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Located {
+    /// At this sequence: the client has read everything up to it.
+    At(u64),
+    /// Older than what the ring holds: events after it were evicted.
+    Expired,
+    /// Not in this ring's history, and not ahead of it: from history lost in Redis.
+    Unknown,
+    /// Later than what the ring has received so far: it may still arrive.
+    Ahead,
 }
 
 /// A reader's cursor is older than what the ring can still prove complete.
@@ -57,6 +106,8 @@ pub(crate) struct Ring {
     /// forward when an entry is evicted, and starts at the position where the subscription was
     /// confirmed (nothing before that was seen).
     complete_since: u64,
+    /// The position in Redis at `complete_since` (redis backend).
+    start_position: Option<Position>,
     /// Sum of the encoded frame sizes, for memory accounting.
     bytes: usize,
     capacity: usize,
@@ -69,6 +120,7 @@ impl Ring {
         Ring {
             entries: VecDeque::new(),
             complete_since,
+            start_position: None,
             bytes: 0,
             capacity: capacity.max(1),
             max_age,
@@ -107,14 +159,76 @@ impl Ring {
         if let Some(oldest) = self.entries.pop_front() {
             self.bytes -= oldest.kind.byte_len();
             self.complete_since = oldest.seq;
+            if let Some(position) = oldest.kind.position() {
+                self.start_position = Some(position.clone());
+            }
         }
     }
 
-    /// Restarts the history at `position`: used when a subscription is first confirmed.
-    pub(crate) fn start_at(&mut self, position: u64) {
+    /// Restarts the history at `seq`: used when a subscription is first confirmed. With the
+    /// redis backend, `position` is where the channel stood in Redis at that point.
+    pub(crate) fn start_at(&mut self, seq: u64, position: Option<Position>) {
         self.entries.clear();
         self.bytes = 0;
-        self.complete_since = position;
+        self.complete_since = seq;
+        self.start_position = position;
+    }
+
+    /// The channel's position in Redis after every entry held (redis backend).
+    pub(crate) fn current_position(&self) -> Option<&Position> {
+        self.entries
+            .iter()
+            .rev()
+            .find_map(|entry| entry.kind.position())
+            .or(self.start_position.as_ref())
+    }
+
+    /// The channel's position in Redis once every entry up to `seq` is read (redis backend);
+    /// `None` when `seq` is older than the ring.
+    pub(crate) fn position_at(&self, seq: u64) -> Option<&Position> {
+        if seq < self.complete_since {
+            return None;
+        }
+        let end = self.entries.partition_point(|e| e.seq <= seq);
+        self.entries
+            .range(..end)
+            .rev()
+            .find_map(|entry| entry.kind.position())
+            .or(self.start_position.as_ref())
+    }
+
+    /// Finds a client's position in Redis in this ring (redis backend).
+    pub(crate) fn locate(&self, wanted: &Position) -> Located {
+        let Some(current) = self.current_position() else {
+            return Located::Unknown;
+        };
+        if self.start_position.as_ref() == Some(wanted) {
+            return Located::At(self.complete_since);
+        }
+        // Recent positions are the common case: search from the newest entry.
+        if let Some(entry) = self
+            .entries
+            .iter()
+            .rev()
+            .find(|entry| entry.kind.position() == Some(wanted))
+        {
+            return Located::At(entry.seq);
+        }
+        match Position::compare_epochs(&wanted.epoch, &current.epoch) {
+            Ordering::Greater => return Located::Ahead,
+            Ordering::Less => return Located::Unknown,
+            Ordering::Equal if wanted.last > current.last => return Located::Ahead,
+            Ordering::Equal => {}
+        }
+        let before_start = self
+            .start_position
+            .as_ref()
+            .is_some_and(|start| start.epoch == wanted.epoch && wanted.last < start.last);
+        if before_start {
+            Located::Expired
+        } else {
+            Located::Unknown
+        }
     }
 
     /// The entries with `cursor < seq <= limit`, oldest first, or `FellOff` when entries after
@@ -160,6 +274,7 @@ mod tests {
             kind: EntryKind::Event {
                 frame: WireFrame::new(format!("frame {seq}").as_bytes()),
                 received_at: at,
+                origin: None,
             },
             appended_at: at,
         }
@@ -226,12 +341,15 @@ mod tests {
         ring.push(event(1, now));
         ring.push(Entry {
             seq: 2,
-            kind: EntryKind::Gap,
+            kind: EntryKind::Gap {
+                reason: ResetReason::UpstreamInterrupted,
+                position: None,
+            },
             appended_at: now,
         });
         ring.push(event(3, now));
         let out: Vec<&Entry> = ring.entries_after(0, 3).map_err(|_| "fell off")?.collect();
-        assert!(matches!(out[1].kind, EntryKind::Gap));
+        assert!(matches!(out[1].kind, EntryKind::Gap { .. }));
         assert_eq!(out.len(), 3);
         Ok(())
     }

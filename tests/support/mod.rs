@@ -130,6 +130,24 @@ impl TestRedis {
         Ok(receivers)
     }
 
+    /// Publishes through the gateway's function library (`FCALL ssehub_publish`, loaded by a
+    /// gateway with the redis backend) and returns its `"<epoch> <id>"` reply.
+    pub async fn publish_stored(
+        &self,
+        channel: &str,
+        payload: impl AsRef<[u8]>,
+    ) -> TestResult<String> {
+        let mut conn = self.connection().await?;
+        let position: String = redis::cmd("FCALL")
+            .arg("ssehub_publish")
+            .arg(1)
+            .arg(channel)
+            .arg(payload.as_ref())
+            .query_async(&mut conn)
+            .await?;
+        Ok(position)
+    }
+
     /// Channels Redis has subscribers for (`PUBSUB CHANNELS`).
     pub async fn subscribed_channels(&self) -> TestResult<Vec<String>> {
         let mut conn = self.connection().await?;
@@ -173,6 +191,13 @@ pub fn test_settings(redis: &TestRedis) -> Settings {
     settings.redis.command_timeout_secs = 2;
     settings.channels.public = vec!["*".to_string()];
     settings.server.shutdown_grace_secs = 5;
+    settings
+}
+
+/// [`test_settings`] with the history in Redis (`history.backend = "redis"`).
+pub fn redis_backend_settings(redis: &TestRedis) -> Settings {
+    let mut settings = test_settings(redis);
+    settings.history.backend = ssehub::config::HistoryBackend::Redis;
     settings
 }
 

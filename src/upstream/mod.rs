@@ -8,6 +8,10 @@
 //! interrupted, reconnects with capped, jittered exponential backoff, subscribes everything again
 //! and records a gap in each restored channel, so resuming clients are told what was lost.
 //!
+//! With the redis backend it subscribes to each channel's live broadcast instead and reads the
+//! shared history through the `ssehub` functions (`history`): a reconnect then catches up from
+//! Redis and costs clients nothing.
+//!
 //! Reconnection is owned here on purpose: the redis crate's `PubSub` stream simply ends when the
 //! server goes away, and `ConnectionManager`'s resubscription gives up after a long outage.
 
@@ -23,8 +27,13 @@ use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RedisSettings;
+use crate::functions::{self, LibraryBounds};
 use crate::hub::{Hub, PublishOutcome, SubscribeRequest, UpstreamRequest};
 use crate::metrics;
+
+mod history;
+
+use history::SharedHistory;
 
 /// Most channels named in one SUBSCRIBE when restoring after a reconnect.
 const RESUBSCRIBE_CHUNK: usize = 1000;
@@ -39,12 +48,14 @@ const STABLE_CONNECTION: Duration = Duration::from_secs(30);
 /// pings, the sweep, shutdown) again.
 const DELIVERY_BURST: usize = 128;
 
-/// Runs until `shutdown` is cancelled.
+/// Runs until `shutdown` is cancelled. `shared_history` is set with the redis backend: the
+/// bounds of the function library it loads.
 pub async fn run(
     client: redis::Client,
     hub: Arc<Hub>,
     mut requests: mpsc::UnboundedReceiver<UpstreamRequest>,
     settings: RedisSettings,
+    shared_history: Option<LibraryBounds>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(
@@ -59,13 +70,31 @@ pub async fn run(
         );
         let failure = match connect.await {
             Ok(Ok(pubsub)) => {
+                let command_timeout = Duration::from_secs(settings.command_timeout_secs);
+                let shared = match shared_history {
+                    Some(bounds) => SharedHistory::connect(&client, bounds, command_timeout)
+                        .await
+                        .map(Some),
+                    None => Ok(None),
+                };
                 let mut session = Session {
                     hub: &hub,
                     requests: &mut requests,
                     settings: &settings,
                     shutdown: &shutdown,
+                    shared: None,
                 };
-                match session.run(pubsub, connected_before).await {
+                let ended = match shared {
+                    Ok(shared) => {
+                        session.shared = shared;
+                        session.run(pubsub, connected_before).await
+                    }
+                    Err(reason) => SessionEnd::Lost {
+                        up_for: None,
+                        reason,
+                    },
+                };
+                match ended {
                     SessionEnd::Shutdown => break,
                     SessionEnd::Lost { up_for, reason } => {
                         if let Some(up_for) = up_for {
@@ -130,6 +159,8 @@ struct Session<'a> {
     requests: &'a mut mpsc::UnboundedReceiver<UpstreamRequest>,
     settings: &'a RedisSettings,
     shutdown: &'a CancellationToken,
+    /// The shared history's command connection (redis backend).
+    shared: Option<SharedHistory>,
 }
 
 impl Session<'_> {
@@ -159,6 +190,7 @@ impl Session<'_> {
             command_queue,
             results_tx,
             command_timeout,
+            self.shared.is_some(),
         ));
         let _abort_worker = AbortOnDrop(worker);
 
@@ -177,12 +209,18 @@ impl Session<'_> {
                 _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
                 message = messages.next() => match message {
                     Some(message) => {
-                        self.deliver(&message);
+                        if let Err(reason) = self.handle(&message).await {
+                            return lost(reason);
+                        }
                         // Deliver what has already arrived without a turn of the select per
                         // message (each turn sets up every branch again).
                         for _ in 1..DELIVERY_BURST {
                             match ready_now(&mut messages) {
-                                Some(Some(message)) => self.deliver(&message),
+                                Some(Some(message)) => {
+                                    if let Err(reason) = self.handle(&message).await {
+                                        return lost(reason);
+                                    }
+                                }
                                 Some(None) => return lost("connection closed".to_string()),
                                 None => break,
                             }
@@ -200,7 +238,11 @@ impl Session<'_> {
                     }
                 }
                 result = results.recv() => match result {
-                    Some(Ok(Some(confirmed))) => self.hub.mark_subscribed(&confirmed),
+                    Some(Ok(Some(confirmed))) => {
+                        if let Err(reason) = self.confirmed(&confirmed).await {
+                            return lost(reason);
+                        }
+                    }
                     Some(Ok(None)) => {}
                     Some(Err(reason)) => return lost(reason),
                     None => return lost("command worker stopped".to_string()),
@@ -224,34 +266,81 @@ impl Session<'_> {
         // Queued requests are covered: the hub's list includes every channel created so far.
         while self.requests.try_recv().is_ok() {}
         let wanted = self.hub.subscriptions();
+        let redis_backend = self.shared.is_some();
         for chunk in wanted.chunks(RESUBSCRIBE_CHUNK) {
-            let names: Vec<&str> = chunk.iter().map(|r| &*r.name).collect();
+            let names = wire_names(chunk.iter().map(|r| &*r.name), redis_backend);
             with_timeout(timeout, "SUBSCRIBE", sink.subscribe(&names)).await?;
         }
-        self.hub.mark_subscribed(&wanted);
+        match self.shared.as_mut() {
+            None => self.hub.mark_subscribed(&wanted),
+            Some(shared) => {
+                // Subscribed first, so nothing published from here on is missed; then what
+                // each channel missed meanwhile is read from Redis.
+                let mut fresh = Vec::new();
+                for request in wanted.iter() {
+                    match self.hub.stored_position(&request.name) {
+                        Some(from) => shared.catch_up(self.hub, &request.name, from).await?,
+                        None => fresh.push(SubscribeRequest {
+                            name: request.name.clone(),
+                            generation: request.generation,
+                        }),
+                    }
+                }
+                shared.load(self.hub, &fresh).await?;
+                let names: Vec<Arc<str>> = wanted.into_iter().map(|r| r.name).collect();
+                self.hub.mark_restored(&names);
+            }
+        }
         self.hub.set_upstream_up(true);
         Ok(())
+    }
+
+    /// Hands one message to the hub.
+    async fn handle(&mut self, message: &redis::Msg) -> Result<(), String> {
+        match self.shared.as_mut() {
+            None => {
+                self.deliver(message);
+                Ok(())
+            }
+            Some(shared) => shared.deliver(self.hub, message).await,
+        }
+    }
+
+    /// Makes newly confirmed subscriptions live (with the redis backend, after loading their
+    /// history).
+    async fn confirmed(&mut self, confirmed: &[SubscribeRequest]) -> Result<(), String> {
+        match self.shared.as_mut() {
+            None => {
+                self.hub.mark_subscribed(confirmed);
+                Ok(())
+            }
+            Some(shared) => shared.load(self.hub, confirmed).await,
+        }
     }
 
     fn deliver(&self, message: &redis::Msg) {
         metrics::event_received();
         let channel = message.get_channel_name();
-        let outcome = self
-            .hub
-            .publish(channel, message.get_payload_bytes(), Instant::now());
-        match outcome {
-            PublishOutcome::Appended { evicted } => metrics::history_evicted(evicted),
-            PublishOutcome::NotWanted => {}
-            PublishOutcome::Dropped { reason, log } => {
-                metrics::payload_dropped(reason.label());
-                if log {
-                    tracing::warn!(
-                        channel,
-                        reason = reason.label(),
-                        bytes = message.get_payload_bytes().len(),
-                        "dropped a payload (logged at most once a minute per channel)"
-                    );
-                }
+        let payload = message.get_payload_bytes();
+        let outcome = self.hub.publish(channel, payload, Instant::now());
+        count_outcome(channel, outcome, payload.len());
+    }
+}
+
+/// Counts what the hub did with a message, and logs a drop (rate limited by the hub).
+fn count_outcome(channel: &str, outcome: PublishOutcome, bytes: usize) {
+    match outcome {
+        PublishOutcome::Appended { evicted } => metrics::history_evicted(evicted),
+        PublishOutcome::NotWanted => {}
+        PublishOutcome::Dropped { reason, log } => {
+            metrics::payload_dropped(reason.label());
+            if log {
+                tracing::warn!(
+                    channel,
+                    reason = reason.label(),
+                    bytes,
+                    "dropped a payload (logged at most once a minute per channel)"
+                );
             }
         }
     }
@@ -307,17 +396,18 @@ async fn run_commands(
     mut commands: mpsc::UnboundedReceiver<Command>,
     results: mpsc::UnboundedSender<CommandResult>,
     timeout: Duration,
+    redis_backend: bool,
 ) {
     while let Some(command) = commands.recv().await {
         let result = match command {
             Command::Subscribe(batch) => {
-                let names: Vec<&str> = batch.iter().map(|r| &*r.name).collect();
+                let names = wire_names(batch.iter().map(|r| &*r.name), redis_backend);
                 with_timeout(timeout, "SUBSCRIBE", sink.subscribe(&names))
                     .await
                     .map(|()| Some(batch))
             }
             Command::Unsubscribe(names) => {
-                let names: Vec<&str> = names.iter().map(|n| &**n).collect();
+                let names = wire_names(names.iter().map(|n| &**n), redis_backend);
                 with_timeout(timeout, "UNSUBSCRIBE", sink.unsubscribe(&names))
                     .await
                     .map(|()| None)
@@ -330,6 +420,16 @@ async fn run_commands(
         if results.send(result).is_err() || failed {
             return;
         }
+    }
+}
+
+/// The Redis channels that carry `names`: the names themselves, or with the redis backend the
+/// library's live broadcast of each (a name the library refuses is never leased).
+fn wire_names<'n>(names: impl Iterator<Item = &'n str>, redis_backend: bool) -> Vec<String> {
+    if redis_backend {
+        names.filter_map(functions::live_channel).collect()
+    } else {
+        names.map(str::to_owned).collect()
     }
 }
 
