@@ -202,6 +202,14 @@ impl Ring {
         let Some(current) = self.current_position() else {
             return Located::Unknown;
         };
+        // A position from an epoch Redis has lost is unknown even where this ring still holds
+        // what followed it: every instance answers a resume id the same way.
+        match Position::compare_epochs(&wanted.epoch, &current.epoch) {
+            Ordering::Greater => return Located::Ahead,
+            Ordering::Less => return Located::Unknown,
+            Ordering::Equal if wanted.last > current.last => return Located::Ahead,
+            Ordering::Equal => {}
+        }
         if self.start_position.as_ref() == Some(wanted) {
             return Located::At(self.complete_since);
         }
@@ -213,12 +221,6 @@ impl Ring {
             .find(|entry| entry.kind.position() == Some(wanted))
         {
             return Located::At(entry.seq);
-        }
-        match Position::compare_epochs(&wanted.epoch, &current.epoch) {
-            Ordering::Greater => return Located::Ahead,
-            Ordering::Less => return Located::Unknown,
-            Ordering::Equal if wanted.last > current.last => return Located::Ahead,
-            Ordering::Equal => {}
         }
         let before_start = self
             .start_position
@@ -352,5 +354,56 @@ mod tests {
         assert!(matches!(out[1].kind, EntryKind::Gap { .. }));
         assert_eq!(out.len(), 3);
         Ok(())
+    }
+
+    fn stored(epoch: &str, ms: u64, at: Instant) -> Entry {
+        let position = Position {
+            epoch: Arc::from(epoch),
+            last: Some(crate::position::StreamId { ms, seq: 0 }),
+        };
+        Entry {
+            seq: ms,
+            kind: EntryKind::Event {
+                frame: WireFrame::new(b"frame"),
+                received_at: at,
+                origin: Some(Arc::new(Origin {
+                    position,
+                    id_line: WireFrame::new(b"id"),
+                })),
+            },
+            appended_at: at,
+        }
+    }
+
+    fn at(epoch: &str, ms: Option<u64>) -> Position {
+        Position {
+            epoch: Arc::from(epoch),
+            last: ms.map(|ms| crate::position::StreamId { ms, seq: 0 }),
+        }
+    }
+
+    #[test]
+    fn positions_in_redis_are_located_in_the_ring() {
+        let now = Instant::now();
+        let mut ring = Ring::new(0, 3, Duration::from_secs(60));
+        ring.start_at(10, Some(at("e1", Some(10))));
+        for ms in 11..=14 {
+            ring.push(stored("e1", ms, now));
+        }
+        // Holds 12..=14: complete from 11 on.
+        assert_eq!(ring.locate(&at("e1", Some(11))), Located::At(11));
+        assert_eq!(ring.locate(&at("e1", Some(13))), Located::At(13));
+        assert_eq!(ring.locate(&at("e1", Some(14))), Located::At(14));
+        assert_eq!(ring.locate(&at("e1", Some(10))), Located::Expired);
+        assert_eq!(ring.locate(&at("e1", None)), Located::Expired);
+        assert_eq!(ring.locate(&at("e1", Some(15))), Located::Ahead);
+        assert_eq!(ring.locate(&at("e2", Some(1))), Located::Ahead);
+        assert_eq!(ring.locate(&at("e0", Some(13))), Located::Unknown);
+        assert_eq!(ring.position_at(13), Some(&at("e1", Some(13))));
+        assert_eq!(ring.position_at(10), None);
+        // A newer epoch makes every position of the old one unknown, even those still held.
+        ring.push(stored("e2", 20, now));
+        assert_eq!(ring.locate(&at("e1", Some(14))), Located::Unknown);
+        assert_eq!(ring.locate(&at("e2", Some(20))), Located::At(20));
     }
 }
