@@ -267,4 +267,19 @@ mod tests {
         assert_eq!(Position::compare_epochs("zz", "100"), Ordering::Less);
         assert_eq!(Position::compare_epochs("a1", "a0"), Ordering::Greater);
     }
+
+    #[test]
+    fn id_lengths_stated_in_the_readme() {
+        // Epochs and ids of today's clock (2026: microseconds in 10 base-36 digits,
+        // milliseconds in 8), each event the first of its millisecond.
+        let now_ms = 1_795_000_000_000u64;
+        let channel = |n: u64| {
+            let mut epoch = String::new();
+            push_base36(&mut epoch, (now_ms - 86_400_000 * n) * 1000 + n);
+            position(&epoch, Some((now_ms - n, 0)))
+        };
+        assert_eq!(encode_id(&[channel(0)]).len(), 19);
+        let sixteen: Vec<Position> = (0..16).map(channel).collect();
+        assert_eq!(encode_id(&sixteen).len(), 16 * 19 + 15);
+    }
 }
