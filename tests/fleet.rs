@@ -256,3 +256,52 @@ async fn trimming_past_a_position_resets_only_that_channel() -> TestResult {
     first.stop().await?;
     second.stop().await
 }
+
+/// How many times Redis ran `command` (from `INFO commandstats`).
+async fn command_calls(redis: &TestRedis, command: &str) -> TestResult<u64> {
+    let mut conn = redis.connection().await?;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await?;
+    let prefix = format!("cmdstat_{command}:calls=");
+    Ok(info
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0))
+}
+
+#[tokio::test]
+async fn resumes_on_another_instance_are_served_from_its_cache_not_a_redis_call_each() -> TestResult
+{
+    let redis = TestRedis::start().await?;
+    let first = TestGateway::start_ready(redis_backend_settings(&redis)).await?;
+    let second = TestGateway::start_ready(redis_backend_settings(&redis)).await?;
+    let mut client = first.subscribe("channel=orders").await?;
+    redis.publish_stored("orders", "seen").await?;
+    read_events(&mut client, 1).await?;
+    let last_id = client.last_event_id.clone().ok_or("events carry ids")?;
+    for n in 0..5 {
+        redis
+            .publish_stored("orders", format!("missed-{n}"))
+            .await?;
+    }
+
+    let calls_before = command_calls(&redis, "fcall").await?;
+    let resume = [("Last-Event-ID", last_id.as_str())];
+    let mut resumed = Vec::new();
+    for _ in 0..50 {
+        resumed.push(second.subscribe_with("channel=orders", &resume).await?);
+    }
+    for client in &mut resumed {
+        assert_eq!(read_events(client, 5).await?.len(), 5);
+    }
+    let calls = command_calls(&redis, "fcall").await? - calls_before;
+    println!("50 resumes on the second instance: {calls} FCALL(s)");
+    // One load of the channel's history (ssehub_tail), not one read per resume.
+    assert_eq!(calls, 1);
+    first.stop().await?;
+    second.stop().await
+}
