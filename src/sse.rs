@@ -73,6 +73,9 @@ pub struct WireFrame {
     chunk: Bytes,
     /// Where the SSE frame starts inside `chunk` (after the chunk-size line).
     frame_start: usize,
+    /// Where it ends (before the chunk's closing CRLF). A frame may also be the head or the
+    /// rest of a chunk shared with another frame: see [`WireFrame::event_with_id`].
+    frame_end: usize,
 }
 
 /// The heartbeat as a ready HTTP/1.1 chunk (`3` is `HEARTBEAT.len()` in hex).
@@ -93,23 +96,6 @@ impl WireFrame {
         WireFrame::build(data.len() + 64, |out| put_event(out, id, event_type, data))
     }
 
-    /// Encodes one event without its `id:` line (redis backend): each stream sends the id of its
-    /// own position right in front of it, as an [`WireFrame::id_line`]. The client sees one
-    /// event: the blank line that dispatches it comes only at the end of this frame.
-    pub fn event_body(event_type: Option<&str>, data: &str) -> WireFrame {
-        WireFrame::build(data.len() + 32, |out| put_event_body(out, event_type, data))
-    }
-
-    /// `id: <id>` and a line break, no blank line: the first line of the event whose body
-    /// follows it (see [`WireFrame::event_body`]).
-    pub fn id_line(id: &str) -> WireFrame {
-        WireFrame::build(id.len() + 5, |out| {
-            out.put_slice(b"id: ");
-            out.put_slice(id.as_bytes());
-            out.put_u8(b'\n');
-        })
-    }
-
     /// Builds a chunk around the frame that `write` appends. The size line is only known once
     /// the frame is written, so room for the longest one is left in front and the real one is
     /// written right before the frame; the unused room is skipped without a copy.
@@ -127,9 +113,52 @@ impl WireFrame {
         let start = SIZE_LINE_ROOM - line_len;
         chunk[start..SIZE_LINE_ROOM].copy_from_slice(&line[..line_len]);
         chunk.advance(start);
+        let chunk = chunk.freeze();
         WireFrame {
-            chunk: chunk.freeze(),
+            frame_end: chunk.len() - 2,
+            chunk,
             frame_start: line_len,
+        }
+    }
+
+    /// Encodes one event with the `id:` line `id` (redis backend). Streams over one channel send
+    /// it whole. A stream over several channels has an id of its own: it sends
+    /// [`WireFrame::id_chunk_head`] and then [`WireFrame::after_id_line`] of this frame, the same
+    /// bytes without the id line, so the event is still encoded once for all its readers and
+    /// the client still sees one event (dispatched only at the blank line at its end).
+    pub fn event_with_id(id: &str, event_type: Option<&str>, data: &str) -> WireFrame {
+        WireFrame::build(data.len() + id.len() + 64, |out| {
+            put_id_line(out, id);
+            put_event_body(out, event_type, data);
+        })
+    }
+
+    /// The rest of an [`WireFrame::event_with_id`] frame after its `id: <id_len bytes>` line:
+    /// the end of a chunk whose head is an [`WireFrame::id_chunk_head`].
+    pub fn after_id_line(&self, id_len: usize) -> WireFrame {
+        let body_start = (self.frame_start + ID_LINE_OVERHEAD + id_len).min(self.frame_end);
+        let chunk = self.chunk.slice(body_start..);
+        WireFrame {
+            frame_start: 0,
+            frame_end: chunk.len() - 2,
+            chunk,
+        }
+    }
+
+    /// The start of a chunk that holds the id line `id` and `body_len` more bytes of frame:
+    /// sent before [`WireFrame::after_id_line`] of a shared event.
+    pub fn id_chunk_head(id: &str, body_len: usize) -> WireFrame {
+        let frame_len = ID_LINE_OVERHEAD + id.len() + body_len;
+        let mut chunk = BytesMut::with_capacity(SIZE_LINE_ROOM + ID_LINE_OVERHEAD + id.len());
+        // Writing into a `BytesMut` cannot fail.
+        let _ = write!(chunk, "{frame_len:x}\r\n");
+        let frame_start = chunk.len();
+        put_id_line(&mut chunk, id);
+        let chunk = chunk.freeze();
+        WireFrame {
+            frame_end: chunk.len(),
+            chunk,
+            frame_start,
         }
     }
 
@@ -138,17 +167,18 @@ impl WireFrame {
         WireFrame {
             chunk: Bytes::from_static(HEARTBEAT_CHUNK),
             frame_start: HEARTBEAT_CHUNK.len() - HEARTBEAT.len() - 2,
+            frame_end: HEARTBEAT_CHUNK.len() - 2,
         }
     }
 
     /// The bare SSE frame (shares the buffer).
     pub fn frame(&self) -> Bytes {
-        self.chunk.slice(self.frame_start..self.chunk.len() - 2)
+        self.chunk.slice(self.frame_start..self.frame_end)
     }
 
     /// Length of the bare SSE frame.
     pub fn frame_len(&self) -> usize {
-        self.chunk.len() - self.frame_start - 2
+        self.frame_end - self.frame_start
     }
 
     /// The frame as one complete HTTP/1.1 chunk.
@@ -173,6 +203,15 @@ fn put_event(out: &mut BytesMut, id: impl fmt::Display, event_type: Option<&str>
     // Writing into a `BytesMut` cannot fail.
     let _ = writeln!(out, "id: {id}");
     put_event_body(out, event_type, data);
+}
+
+/// `id: ` and the line break around an id.
+const ID_LINE_OVERHEAD: usize = 5;
+
+fn put_id_line(out: &mut BytesMut, id: &str) {
+    out.put_slice(b"id: ");
+    out.put_slice(id.as_bytes());
+    out.put_u8(b'\n');
 }
 
 /// An event's fields after its `id:` line, and the blank line that ends it.
@@ -450,6 +489,29 @@ mod tests {
             assert_eq!(
                 wire.http1_chunk(),
                 WireFrame::new(&encoded).http1_chunk(),
+                "payload of {len} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn a_shared_event_is_sent_with_another_id_as_one_chunk_in_two_pieces() {
+        for len in [0, 1, 230, 4080, 70_000] {
+            let data = "z".repeat(len);
+            let shared = WireFrame::event_with_id("e.1", Some("t"), &data);
+            assert_eq!(shared.frame(), encode_event("e.1", Some("t"), &data));
+            let own_id = "e.1,f.2,g.";
+            let rest = shared.after_id_line("e.1".len());
+            let head = WireFrame::id_chunk_head(own_id, rest.frame_len());
+            let mut frame = head.frame().to_vec();
+            frame.extend_from_slice(&rest.frame());
+            assert_eq!(frame, encode_event(own_id, Some("t"), &data));
+            let mut chunk = head.http1_chunk().to_vec();
+            chunk.extend_from_slice(rest.http1_chunk());
+            let expected = WireFrame::new(&encode_event(own_id, Some("t"), &data));
+            assert_eq!(
+                chunk,
+                expected.http1_chunk().to_vec(),
                 "payload of {len} bytes"
             );
         }

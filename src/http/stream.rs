@@ -359,9 +359,10 @@ impl EventStream {
                     } else {
                         OutgoingKind::Live(received_at)
                     };
-                    if let Some(origin) = origin {
-                        self.queue_id_line(channel, &origin);
-                    }
+                    let frame = match origin {
+                        Some(origin) => self.with_stream_id(channel, &origin, frame),
+                        None => frame,
+                    };
                     self.pending.push_back(Outgoing { frame, kind });
                 }
                 EntryKind::Gap { reason, position } => {
@@ -414,20 +415,23 @@ impl EventStream {
         self.count_resume_if_replayed();
     }
 
-    /// Redis backend: queues the `id:` line of the event about to be queued, whose origin is
-    /// `origin`. A one-channel stream's id is the event's own position, encoded once for all
-    /// its readers; a stream over several channels has an id of its own.
-    fn queue_id_line(&mut self, channel: usize, origin: &Origin) {
+    /// Redis backend: moves the channel's position to the event's and returns its frame with
+    /// this stream's id. A one-channel stream's id is the event's own position, already in the
+    /// shared frame; a stream over several channels sends its own id line first, then the
+    /// shared frame after the event's id line.
+    fn with_stream_id(&mut self, channel: usize, origin: &Origin, frame: WireFrame) -> WireFrame {
         let Some(positions) = self.positions.as_mut() else {
-            return;
+            return frame;
         };
         positions[channel] = origin.position.clone();
-        let line = if positions.len() == 1 {
-            origin.id_line.clone()
-        } else {
-            WireFrame::id_line(&position::encode_id(positions))
-        };
-        self.pending.push_back(Outgoing::control(line));
+        if positions.len() == 1 {
+            return frame;
+        }
+        let rest = frame.after_id_line(origin.id_len);
+        let id = position::encode_id(positions);
+        let head = WireFrame::id_chunk_head(&id, rest.frame_len());
+        self.pending.push_back(Outgoing::control(head));
+        rest
     }
 
     /// Redis backend: records channel `channel`'s position after a gap.

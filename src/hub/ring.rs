@@ -34,8 +34,7 @@ pub(crate) struct Entry {
 pub(crate) enum EntryKind {
     /// A published message, already SSE-encoded with its id; shared by every reader.
     Event {
-        /// The complete SSE frame, inside its HTTP/1.1 chunk. With the redis backend the frame
-        /// has no `id:` line: streams send the one of their own position in front of it.
+        /// The complete SSE frame, inside its HTTP/1.1 chunk.
         frame: WireFrame,
         /// When the upstream read the message from Redis (for latency accounting).
         received_at: Instant,
@@ -56,18 +55,15 @@ pub(crate) enum EntryKind {
 pub(crate) struct Origin {
     /// The channel's position once this event is delivered.
     pub(crate) position: Position,
-    /// `id: <position>\n` inside its HTTP/1.1 chunk: the id line of a one-channel stream,
-    /// encoded once for all of them.
-    pub(crate) id_line: WireFrame,
+    /// Length of the event's own id (the position of a one-channel stream), which the frame
+    /// starts with: streams over several channels send the frame after it, behind their own.
+    pub(crate) id_len: usize,
 }
 
 impl EntryKind {
     pub(crate) fn byte_len(&self) -> usize {
         match self {
-            EntryKind::Event { frame, origin, .. } => {
-                frame.http1_chunk().len()
-                    + origin.as_ref().map_or(0, |o| o.id_line.http1_chunk().len())
-            }
+            EntryKind::Event { frame, .. } => frame.http1_chunk().len(),
             EntryKind::Gap { .. } => 0,
         }
     }
@@ -368,7 +364,7 @@ mod tests {
                 received_at: at,
                 origin: Some(Arc::new(Origin {
                     position,
-                    id_line: WireFrame::new(b"id"),
+                    id_len: 2,
                 })),
             },
             appended_at: at,

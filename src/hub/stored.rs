@@ -103,8 +103,13 @@ impl Hub {
         event: &StoredEvent<'_>,
     ) -> PublishOutcome {
         let received_at = Instant::now();
+        // Shared with the channel's earlier events of the same epoch: one allocation per epoch.
+        let epoch = match &state.stored {
+            Some(stored) if &*stored.epoch == event.epoch => stored.epoch.clone(),
+            _ => Arc::from(event.epoch),
+        };
         let position = Position {
-            epoch: Arc::from(event.epoch),
+            epoch,
             last: Some(event.id),
         };
         state.stored = Some(position.clone());
@@ -116,12 +121,12 @@ impl Hub {
         let id = position::encode_id(std::slice::from_ref(&position));
         let origin = Origin {
             position,
-            id_line: WireFrame::id_line(&id),
+            id_len: id.len(),
         };
         let entry = Entry {
             seq: self.head.load(Ordering::Relaxed) + 1,
             kind: EntryKind::Event {
-                frame: WireFrame::event_body(event_type.as_deref(), text),
+                frame: WireFrame::event_with_id(&id, event_type.as_deref(), text),
                 received_at,
                 origin: Some(Arc::new(origin)),
             },
