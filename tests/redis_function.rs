@@ -336,3 +336,61 @@ async fn oversized_payloads_and_malformed_idempotency_keys_are_refused() -> Test
     assert!(keys.is_empty(), "nothing stored: {keys:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn the_tail_is_the_most_recent_history_with_the_position_before_it() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let mut connection = with_library(&redis).await?;
+    let tail = |count: usize| {
+        let mut call = redis::cmd("FCALL");
+        call.arg("ssehub_tail").arg(1).arg("orders").arg(count);
+        call
+    };
+    // A channel never published to: its epoch is created, nothing before it.
+    let empty: Vec<String> = tail(10).query_async(&mut connection).await?;
+    assert_eq!(empty.len(), 3);
+    assert_eq!((&empty[1][..], &empty[2][..]), ("", ""));
+    let mut ids = Vec::new();
+    for n in 0..7 {
+        ids.push(
+            publish(&mut connection, "orders", &format!("e{n}"), None)
+                .await?
+                .1,
+        );
+    }
+    // Capacity 5: e2..e6 are kept; asking for 3 gives e4..e6 and starts after e3.
+    let reply: Vec<String> = tail(3).query_async(&mut connection).await?;
+    assert_eq!(reply[0], empty[0], "same epoch");
+    assert_eq!((&reply[1], &reply[2]), (&ids[6], &ids[3]));
+    let events: Vec<(String, String, String)> = reply[3..]
+        .chunks(3)
+        .map(|e| (e[0].clone(), e[1].clone(), e[2].clone()))
+        .collect();
+    let expected: Vec<(String, String, String)> = (4..7)
+        .map(|n| (ids[n].clone(), ids[n - 1].clone(), format!("e{n}")))
+        .collect();
+    assert_eq!(events, expected);
+    let all: Vec<String> = tail(100).query_async(&mut connection).await?;
+    assert_eq!((all.len() - 3) / 3, 5);
+    assert_eq!(all[2], ids[1], "trimmed to the capacity");
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_key_expires_when_nobody_publishes_any_more() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let mut connection = with_library(&redis).await?;
+    publish(&mut connection, "orders", "one", Some("key-1")).await?;
+    let keys: Vec<String> = connection.keys("ssehub:*").await?;
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    for key in keys {
+        let ttl: i64 = connection.pttl(&key).await?;
+        let bound = if key.contains(":i:") {
+            BOUNDS.idempotency_ms
+        } else {
+            BOUNDS.key_ttl_ms
+        };
+        assert!(ttl > 0 && ttl as u64 <= bound, "{key}: {ttl} ms");
+    }
+    Ok(())
+}
