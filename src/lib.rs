@@ -4,9 +4,13 @@
 //!
 //! - [`config`]: the `Settings` tree, read from `config.toml` and `SSEHUB__*` variables.
 //! - [`channels`]: channel names and the glob patterns that make channels public.
-//! - [`upstream`]: the task that owns the Redis subscription connection and its reconnects.
+//! - [`upstream`]: the task that owns the Redis subscription connection and its reconnects
+//!   (and, with `history.backend = "redis"`, the reads of the shared history in Redis).
+//! - [`functions`]: the `ssehub` Redis Function library, where the shared history's ids are
+//!   assigned, and its key layout.
 //! - [`hub`]: every served channel with its ring (live fan-out buffer and resume history).
 //! - [`sse`]: the wire encoding (events, resets, heartbeats, ids).
+//! - [`position`]: the redis backend's positions and the ids made of them.
 //! - `http`: the public `/events` listener (an HTTP/1.1 fast path that writes SSE chunks straight
 //!   to the socket, hyper for everything else: HTTP/2, TLS, other routes), the admin listener,
 //!   CORS, admission limits, graceful shutdown.
