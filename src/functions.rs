@@ -35,6 +35,27 @@ pub struct LibraryBounds {
     pub max_payload_bytes: usize,
 }
 
+/// Shortest time the keys of a channel nobody publishes to are kept: a day, or the history's
+/// age bound when that is longer.
+const MIN_KEY_TTL_MS: u64 = 24 * 3600 * 1000;
+
+impl LibraryBounds {
+    /// The bounds every instance configured with `settings` loads the library with.
+    pub fn from_settings(settings: &crate::Settings) -> LibraryBounds {
+        let max_age_ms = settings.history.max_age_secs.saturating_mul(1000);
+        LibraryBounds {
+            capacity: settings.history.capacity,
+            max_age_ms,
+            key_ttl_ms: max_age_ms.max(MIN_KEY_TTL_MS),
+            idempotency_ms: settings
+                .publish
+                .idempotency_window_secs
+                .saturating_mul(1000),
+            max_payload_bytes: settings.limits.max_payload_bytes,
+        }
+    }
+}
+
 /// The library source with `bounds` filled in.
 pub fn library_source(bounds: &LibraryBounds) -> String {
     SOURCE
