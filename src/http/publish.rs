@@ -154,7 +154,7 @@ async fn publish<B: PublishBody>(
             PublishError::TooLarge(message) => Refusal::TooLarge(message),
             PublishError::Rejected(message) => Refusal::BadRequest(message),
             PublishError::Unavailable(message) => {
-                tracing::warn!(error = %message, "publish failed: Redis unavailable");
+                tracing::debug!(error = %message, "publish failed: Redis unavailable");
                 Refusal::Unavailable(format!("Redis is unavailable; retry later ({message})"))
             }
         })
