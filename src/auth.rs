@@ -16,6 +16,11 @@
 //! none, RFC 7515 §4.1.11), when `iss` is not the one string `auth.issuer` names, or when `exp`
 //! is past the year 9999.
 //!
+//! Publishing (`POST /publish`) takes the token from the same sources and checks it the same
+//! way, against its `publish` claim (glob patterns, matched like `channels`). It always needs a
+//! token: `channels.public` and the personal channel grant reading only, and with no key
+//! configured nobody may publish over HTTP.
+//!
 //! The accepted algorithm follows from the configured key (HS256 for a secret, RS256 or ES256
 //! for a PEM public key), never from the token header: a header only selects among the keys the
 //! operator configured, each of which accepts exactly one algorithm.
@@ -59,6 +64,9 @@ struct Claims {
     exp: u64,
     #[serde(default)]
     channels: Vec<String>,
+    /// Channel patterns the token may publish to (`POST /publish`).
+    #[serde(default)]
+    publish: Vec<String>,
     #[serde(default)]
     sub: Option<String>,
     /// Kept raw: jsonwebtoken also accepts an array of issuers, the gateway only one string.
@@ -181,6 +189,39 @@ impl Authorizer {
         })
     }
 
+    /// Decides whether the request may publish to `channel`: it needs a valid token whose
+    /// `publish` claim matches the channel. `query_token` is the `token` query parameter.
+    pub fn authorize_publish(
+        &self,
+        headers: &HeaderMap,
+        query_token: Option<&str>,
+        channel: &str,
+    ) -> Result<(), Denied> {
+        if !self.tokens_enabled() {
+            // No anonymous publishing: without a key no token can be checked, so nobody may.
+            return Err(Denied::Unauthenticated(
+                "publishing needs a token, and no token key is configured ([auth])".to_string(),
+            ));
+        }
+        let token = self
+            .presented_token(headers, query_token)
+            .ok_or_else(|| Denied::Unauthenticated("publishing needs a token".to_string()))?;
+        let claims = self.verify(&token)?;
+        self.expiry(claims.exp)?;
+        let grants: Vec<Pattern> = claims
+            .publish
+            .iter()
+            .map(|p| Pattern::parse(p))
+            .collect::<Result<_, _>>()
+            .map_err(|e| Denied::Unauthenticated(format!("invalid token: `publish` claim: {e}")))?;
+        if !grants.iter().any(|g| g.matches(channel)) {
+            return Err(Denied::Forbidden(format!(
+                "the token does not grant publishing to channel `{channel}`"
+            )));
+        }
+        Ok(())
+    }
+
     /// When a stream on a token expiring at `exp` must end. An `exp` the clock cannot represent
     /// makes the token invalid rather than panicking the request.
     fn expiry(&self, exp: u64) -> Result<SystemTime, Denied> {
@@ -242,15 +283,17 @@ impl Authorizer {
     }
 }
 
-/// Mints an HS256 token granting `channels` (and `sub`), valid for `ttl`. For development and
-/// tests: production tokens come from the application's own auth service.
+/// Mints an HS256 token granting reading `channels`, publishing to `publish` (and `sub`),
+/// valid for `ttl`. For development and tests: production tokens come from the application's
+/// own auth service.
 pub fn mint_token(
     secret: &str,
     channels: &[String],
+    publish: &[String],
     sub: Option<&str>,
     ttl: Duration,
 ) -> Result<String, String> {
-    for pattern in channels {
+    for pattern in channels.iter().chain(publish) {
         Pattern::parse(pattern)?;
     }
     let now = SystemTime::now()
@@ -261,6 +304,9 @@ pub fn mint_token(
         "iat": now.as_secs(),
         "channels": channels,
     });
+    if !publish.is_empty() {
+        claims["publish"] = serde_json::Value::from(publish);
+    }
     if let Some(sub) = sub {
         claims["sub"] = serde_json::Value::from(sub);
     }
@@ -349,7 +395,7 @@ mod tests {
         let authorizer = Authorizer::new(PublicChannels::default(), &settings).expect("valid");
         let grants = vec!["orders:*".to_string()];
         let token =
-            mint_token("s3cret", &grants, Some("7"), Duration::from_secs(60)).expect("mint");
+            mint_token("s3cret", &grants, &[], Some("7"), Duration::from_secs(60)).expect("mint");
         let mut headers = HeaderMap::new();
         let bearer = format!("Bearer {token}");
         headers.insert(
@@ -363,6 +409,54 @@ mod tests {
             authorizer.authorize(&headers, None, &other),
             Err(Denied::Forbidden(_))
         ));
+    }
+
+    #[test]
+    fn publishing_needs_a_token_with_a_matching_publish_claim() {
+        let settings = AuthSettings {
+            jwt_secret: serde_json::from_value(serde_json::json!("s3cret")).ok(),
+            ..AuthSettings::default()
+        };
+        let public = PublicChannels::new(&["*".to_string()]).expect("pattern");
+        let authorizer = Authorizer::new(public, &settings).expect("valid");
+        let ttl = Duration::from_secs(60);
+        let reader = mint_token("s3cret", &["*".to_string()], &[], None, ttl).expect("mint");
+        let writer = mint_token("s3cret", &[], &["orders:*".to_string()], None, ttl).expect("mint");
+        let denied = |token: Option<&str>, channel: &str| {
+            authorizer.authorize_publish(&HeaderMap::new(), token, channel)
+        };
+        assert!(matches!(
+            denied(None, "orders:1"),
+            Err(Denied::Unauthenticated(_))
+        ));
+        assert!(matches!(
+            denied(Some("x.y.z"), "orders:1"),
+            Err(Denied::Unauthenticated(_))
+        ));
+        assert!(matches!(
+            denied(Some(&reader), "orders:1"),
+            Err(Denied::Forbidden(_))
+        ));
+        assert!(matches!(
+            denied(Some(&writer), "news"),
+            Err(Denied::Forbidden(_))
+        ));
+        assert_eq!(denied(Some(&writer), "orders:1"), Ok(()));
+        // Publishing grants no reading.
+        let channels = ["orders:1".to_string()];
+        let read = authorizer.authorize(&HeaderMap::new(), Some(&writer), &channels);
+        assert!(read.is_ok(), "public channels stay readable: {read:?}");
+        let closed = Authorizer::new(PublicChannels::default(), &settings).expect("valid");
+        let read = closed.authorize(&HeaderMap::new(), Some(&writer), &channels);
+        assert!(matches!(read, Err(Denied::Forbidden(_))), "{read:?}");
+        // Without a key nobody publishes.
+        let open = Authorizer::new(PublicChannels::default(), &AuthSettings::default());
+        let open = open.expect("valid");
+        let refused = open.authorize_publish(&HeaderMap::new(), Some(&writer), "orders:1");
+        assert!(
+            matches!(refused, Err(Denied::Unauthenticated(_))),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 pub const MIN_MAX_HEADER_BYTES: usize = 8192;
 /// Default largest forwarded Redis payload.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+/// Default time a repeated `Idempotency-Key` of `POST /publish` answers like the first.
+pub const DEFAULT_IDEMPOTENCY_WINDOW_SECS: u64 = 300;
 
 /// Environment variable prefix: `SSEHUB__REDIS__URL` overrides `[redis] url`.
 pub const ENV_PREFIX: &str = "SSEHUB";
@@ -114,6 +116,8 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// `[limits]`: protection against overload and abuse.
     pub limits: LimitsSettings,
+    /// `[publish]`: the HTTP publish API.
+    pub publish: PublishSettings,
 }
 
 /// `[server]`
@@ -344,22 +348,29 @@ pub struct HistorySettings {
     pub max_age_secs: u64,
     /// Seconds a channel stays subscribed (and its history kept) after its last client left.
     pub linger_secs: u64,
-    /// Where the history lives and who assigns event ids (`history.backend`).
+    /// Where the history is kept and event ids are assigned.
     pub backend: HistoryBackend,
 }
 
-/// Where each channel's history lives (`history.backend`).
+/// Where a channel's history lives (`history.backend`).
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
 pub enum HistoryBackend {
-    /// In each gateway's memory: ids are this process's own, so a client resumes exactly only
-    /// on the instance it read from. Serves plain `PUBLISH`.
+    /// Each instance keeps its own rings and numbers its own events; plain `PUBLISH` feeds it.
     #[default]
-    #[serde(rename = "memory")]
     Memory,
-    /// In Redis, written by the `ssehub_publish` function: ids are assigned there, so every
-    /// instance of a fleet resumes every client exactly.
-    #[serde(rename = "redis")]
+    /// The history and the ids live in Redis (the `ssehub` function library), shared by the
+    /// whole fleet.
     Redis,
+}
+
+/// `[publish]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PublishSettings {
+    /// Seconds a repeated `Idempotency-Key` (same channel) publishes nothing and answers like
+    /// the first request.
+    pub idempotency_window_secs: u64,
 }
 
 /// `[channels]`
@@ -488,7 +499,15 @@ impl Default for HistorySettings {
             capacity: DEFAULT_HISTORY_CAPACITY,
             max_age_secs: DEFAULT_HISTORY_MAX_AGE_SECS,
             linger_secs: DEFAULT_HISTORY_LINGER_SECS,
-            backend: HistoryBackend::default(),
+            backend: HistoryBackend::Memory,
+        }
+    }
+}
+
+impl Default for PublishSettings {
+    fn default() -> Self {
+        PublishSettings {
+            idempotency_window_secs: DEFAULT_IDEMPOTENCY_WINDOW_SECS,
         }
     }
 }
@@ -573,6 +592,10 @@ impl Settings {
         )?;
         positive("channels.max_total", self.channels.max_total as u64)?;
         positive(
+            "publish.idempotency_window_secs",
+            self.publish.idempotency_window_secs,
+        )?;
+        positive(
             "redis.connect_timeout_secs",
             self.redis.connect_timeout_secs,
         )?;
@@ -636,6 +659,10 @@ impl Settings {
             ("sse.heartbeat_secs", self.sse.heartbeat_secs),
             ("history.max_age_secs", self.history.max_age_secs),
             ("history.linger_secs", self.history.linger_secs),
+            (
+                "publish.idempotency_window_secs",
+                self.publish.idempotency_window_secs,
+            ),
         ];
         let milliseconds = [
             (
@@ -954,6 +981,29 @@ mod tests {
         assert_eq!(settings.channels.max_per_connection, 16);
         assert_eq!(settings.channels.max_total, 100_000);
         assert_eq!(settings.server.shutdown_grace_secs, 10);
+        assert_eq!(settings.history.backend, HistoryBackend::Memory);
+        assert_eq!(settings.publish.idempotency_window_secs, 300);
+    }
+
+    #[test]
+    fn history_backend_and_idempotency_window_are_read_and_checked() {
+        let settings = load("[history]\nbackend = \"redis\"\n", &[]).expect("valid backend");
+        assert_eq!(settings.history.backend, HistoryBackend::Redis);
+        let settings = load("", &[("SSEHUB__HISTORY__BACKEND", "memory")]).expect("valid");
+        assert_eq!(settings.history.backend, HistoryBackend::Memory);
+        let err = error_of("[history]\nbackend = \"disk\"\n", &[]);
+        assert!(err.contains("history.backend"), "{err}");
+        let err = error_of("", &[("SSEHUB__HISTORY__BACKEND", "disk")]);
+        assert!(err.contains("SSEHUB__HISTORY__BACKEND"), "{err}");
+        let settings = load("[publish]\nidempotency_window_secs = 60\n", &[]).expect("valid");
+        assert_eq!(settings.publish.idempotency_window_secs, 60);
+        for bad in ["0", "31536001"] {
+            let err = error_of("", &[("SSEHUB__PUBLISH__IDEMPOTENCY_WINDOW_SECS", bad)]);
+            assert!(
+                err.contains("publish.idempotency_window_secs"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -94,7 +94,10 @@ impl LibraryBounds {
             capacity: settings.history.capacity,
             max_age_ms,
             key_ttl_ms: max_age_ms.max(MIN_KEY_TTL_MS),
-            idempotency_ms: 300_000,
+            idempotency_ms: settings
+                .publish
+                .idempotency_window_secs
+                .saturating_mul(1000),
             max_payload_bytes: settings.limits.max_payload_bytes,
         }
     }

@@ -16,6 +16,8 @@
 //!   CORS, admission limits, graceful shutdown.
 //! - [`auth`]: JWT verification and channel grants.
 //! - [`metrics`]: every Prometheus series, named in one place.
+//! - [`publisher`]: `POST /publish`'s way into Redis (either history backend).
+//! - [`position`]: stream positions (ids) of the redis backend.
 //!
 //! Data flows one way: Redis → upstream → hub (sequence, encode once, append) → each stream
 //! reads from the rings at its own cursor → socket.
@@ -36,6 +38,7 @@ mod http;
 pub mod hub;
 pub mod metrics;
 pub mod position;
+pub mod publisher;
 pub mod sse;
 pub mod upstream;
 
@@ -270,7 +273,7 @@ impl Gateway {
         let upstream = Supervised::spawn(
             "upstream",
             upstream::run(
-                redis,
+                redis.clone(),
                 hub.clone(),
                 subscribe_requests,
                 settings.redis.clone(),
@@ -289,6 +292,7 @@ impl Gateway {
             admission: http::Admission::new(&settings.limits),
             settings: settings.clone(),
             drain: drain.clone(),
+            publisher: publisher::Publisher::new(redis.clone(), &settings),
         });
         if settings.server.http1_fast_path {
             public_options.fast_events = Some(events.clone());

@@ -31,6 +31,9 @@ enum Command {
         /// Channel patterns the token grants (repeatable).
         #[arg(long = "channel", value_name = "PATTERN")]
         channels: Vec<String>,
+        /// Channel patterns the token may publish to with POST /publish (repeatable).
+        #[arg(long = "publish", value_name = "PATTERN")]
+        publish: Vec<String>,
         /// Subject (`sub`), for auth.user_channel.
         #[arg(long)]
         sub: Option<String>,
@@ -68,7 +71,12 @@ fn main() -> ExitCode {
     };
     match args.command.unwrap_or(Command::Run) {
         Command::Run => run(settings),
-        Command::Token { channels, sub, ttl } => print_token(&settings, &channels, sub, ttl),
+        Command::Token {
+            channels,
+            publish,
+            sub,
+            ttl,
+        } => print_token(&settings, &channels, &publish, sub, ttl),
         Command::Healthcheck => healthcheck(&settings),
     }
 }
@@ -76,6 +84,7 @@ fn main() -> ExitCode {
 fn print_token(
     settings: &Settings,
     channels: &[String],
+    publish: &[String],
     sub: Option<String>,
     ttl: u64,
 ) -> ExitCode {
@@ -91,7 +100,8 @@ fn print_token(
             })
         })
         .and_then(|secret| {
-            ssehub::auth::mint_token(&secret, channels, sub.as_deref(), Duration::from_secs(ttl))
+            let ttl = Duration::from_secs(ttl);
+            ssehub::auth::mint_token(&secret, channels, publish, sub.as_deref(), ttl)
         });
     match minted {
         Ok(token) => {

@@ -63,6 +63,12 @@ pub const TCP_CONNECTIONS: &str = "ssehub_tcp_connections";
 pub const TCP_REFUSED: &str = "ssehub_tcp_connections_refused_total";
 /// TCP connections closed by their deadlines, by listener and reason.
 pub const TCP_EXPIRED: &str = "ssehub_tcp_connections_expired_total";
+/// `POST /publish` requests answered, by `status`.
+pub const PUBLISH_REQUESTS: &str = "ssehub_publish_requests_total";
+/// Reads of a channel's history from Redis (resumes, catch-up), by `outcome`.
+pub const HISTORY_READS: &str = "ssehub_history_reads_total";
+/// Events read from the Redis history after a gap in the subscription.
+pub const UPSTREAM_RECOVERED_EVENTS: &str = "ssehub_upstream_recovered_events_total";
 
 /// Why a stream closed (`reason` label of [`CONNECTIONS_CLOSED`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,7 +127,11 @@ impl ResumeOutcome {
 }
 
 /// Statuses of [`REQUESTS_REJECTED`] the gateway can produce.
-pub const REJECTED_STATUSES: [u16; 8] = [400, 401, 403, 404, 405, 429, 431, 503];
+pub const REJECTED_STATUSES: [u16; 10] = [400, 401, 403, 404, 405, 413, 422, 429, 431, 503];
+/// Statuses of [`PUBLISH_REQUESTS`].
+pub const PUBLISH_STATUSES: [u16; 8] = [200, 400, 401, 403, 405, 413, 422, 503];
+/// Outcomes of [`HISTORY_READS`].
+pub const HISTORY_READ_OUTCOMES: [&str; 4] = ["ok", "history_expired", "unknown_position", "error"];
 /// The listeners (`listener` label of the TCP connection series).
 pub const LISTENERS: [&str; 2] = ["public", "admin"];
 /// Reasons of [`TCP_REFUSED`]: the configuration key of the cap that refused.
@@ -228,6 +238,18 @@ fn describe_all() {
         TCP_EXPIRED,
         "TCP connections closed by a deadline (first request, idle, write stall)."
     );
+    describe_counter!(
+        PUBLISH_REQUESTS,
+        "POST /publish requests answered, by status."
+    );
+    describe_counter!(
+        HISTORY_READS,
+        "Reads of a channel's history from Redis (backend = redis), by outcome."
+    );
+    describe_counter!(
+        UPSTREAM_RECOVERED_EVENTS,
+        "Events caught up from the Redis history after a subscription gap (backend = redis)."
+    );
 }
 
 fn register_all() {
@@ -270,6 +292,13 @@ fn register_all() {
             counter!(TCP_EXPIRED, "listener" => listener, "reason" => reason).absolute(0);
         }
     }
+    for status in PUBLISH_STATUSES {
+        counter!(PUBLISH_REQUESTS, "status" => status.to_string()).absolute(0);
+    }
+    for outcome in HISTORY_READ_OUTCOMES {
+        counter!(HISTORY_READS, "outcome" => outcome).absolute(0);
+    }
+    counter!(UPSTREAM_RECOVERED_EVENTS).absolute(0);
     gauge!(
         BUILD_INFO,
         "version" => env!("CARGO_PKG_VERSION"),
@@ -401,12 +430,20 @@ pub fn payload_dropped(reason: &'static str) {
     counter!(PAYLOADS_DROPPED, "reason" => reason).increment(1);
 }
 
-/// A read of the shared history in Redis (redis backend), by outcome.
-pub fn history_read(outcome: &'static str) {
-    counter!("ssehub_history_reads_total", "outcome" => outcome).increment(1);
+/// A `POST /publish` request was answered with `status`.
+pub fn publish_request(status: u16) {
+    counter!(PUBLISH_REQUESTS, "status" => status.to_string()).increment(1);
 }
 
-/// Events read from Redis after a subscription gap (redis backend).
+/// A channel's history was read from Redis: `ok`, `history_expired`, `unknown_position` or
+/// `error`.
+pub fn history_read(outcome: &'static str) {
+    counter!(HISTORY_READS, "outcome" => outcome).increment(1);
+}
+
+/// `count` events were caught up from the Redis history after a subscription gap.
 pub fn upstream_recovered_events(count: u64) {
-    counter!("ssehub_upstream_recovered_events_total").increment(count);
+    if count > 0 {
+        counter!(UPSTREAM_RECOVERED_EVENTS).increment(count);
+    }
 }

@@ -55,6 +55,21 @@ const DOCUMENTED: &[&str] = &[
     "ssehub_tcp_connections_expired_total{listener=\"public\",reason=\"first_request_timeout\"}",
     "ssehub_tcp_connections_expired_total{listener=\"public\",reason=\"idle\"}",
     "ssehub_tcp_connections_expired_total{listener=\"public\",reason=\"stalled\"}",
+    "ssehub_requests_rejected_total{status=\"413\"}",
+    "ssehub_requests_rejected_total{status=\"422\"}",
+    "ssehub_publish_requests_total{status=\"200\"}",
+    "ssehub_publish_requests_total{status=\"400\"}",
+    "ssehub_publish_requests_total{status=\"401\"}",
+    "ssehub_publish_requests_total{status=\"403\"}",
+    "ssehub_publish_requests_total{status=\"405\"}",
+    "ssehub_publish_requests_total{status=\"413\"}",
+    "ssehub_publish_requests_total{status=\"422\"}",
+    "ssehub_publish_requests_total{status=\"503\"}",
+    "ssehub_history_reads_total{outcome=\"ok\"}",
+    "ssehub_history_reads_total{outcome=\"history_expired\"}",
+    "ssehub_history_reads_total{outcome=\"unknown_position\"}",
+    "ssehub_history_reads_total{outcome=\"error\"}",
+    "ssehub_upstream_recovered_events_total",
 ];
 
 /// One scrape: series (name plus labels, as rendered) to value.

@@ -17,12 +17,12 @@ use crate::hub::Hub;
 
 /// Header name EventSource uses to resume.
 const LAST_EVENT_ID: &str = "last-event-id";
-/// Query parameter naming a channel (may repeat).
-const CHANNEL_PARAM: &str = "channel";
+/// Query parameter naming a channel (may repeat; exactly once for `/publish`).
+pub(super) const CHANNEL_PARAM: &str = "channel";
 /// Query parameter carrying the resume id for clients that cannot set headers.
 const LAST_EVENT_ID_PARAM: &str = "lastEventId";
 /// Query parameter carrying a JWT for clients that can send neither header nor cookie.
-const TOKEN_PARAM: &str = "token";
+pub(super) const TOKEN_PARAM: &str = "token";
 
 /// Everything `/events` needs, shared by all requests.
 #[derive(Debug)]
@@ -34,6 +34,8 @@ pub(crate) struct EventsEndpoint {
     pub(crate) settings: Arc<Settings>,
     /// Started once when draining begins; every stream watches it.
     pub(crate) drain: Arc<crate::hub::Drain>,
+    /// Serves `POST /publish` (which shares this endpoint's authorizer and settings).
+    pub(crate) publisher: crate::publisher::Publisher,
 }
 
 /// A parsed and validated `/events` query.

@@ -11,6 +11,7 @@ mod cors;
 mod events;
 mod fast_path;
 mod forwarded;
+mod publish;
 mod stream;
 mod tls;
 
@@ -137,7 +138,7 @@ pub(crate) fn json_response(
 }
 
 /// Routes of the public listener.
-pub(crate) async fn route_public<B>(
+pub(crate) async fn route_public<B: publish::PublishBody>(
     endpoint: Arc<EventsEndpoint>,
     request: Request<B>,
 ) -> Result<Response<ResponseBody>, Infallible> {
@@ -149,6 +150,7 @@ pub(crate) async fn route_public<B>(
         ("/events", &Method::OPTIONS) => Ok(endpoint.cors.preflight(origin.as_ref())),
         ("/", &Method::GET) if endpoint.settings.server.demo_page => Ok(demo_page()),
         ("/events", _) => Err(ApiError::MethodNotAllowed),
+        ("/publish", _) => Ok(publish::handle(&endpoint, request).await),
         _ => Err(ApiError::NotFound),
     };
     let mut response = result.unwrap_or_else(|error| {

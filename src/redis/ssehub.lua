@@ -7,7 +7,7 @@
 --          "{x}" and an untagged "x" apart)
 --   base..":h"    stream of events; fields p (payload), v (the previous id, "" for the first)
 --   base..":m"    hash; e (epoch), l (last id)
---   base..":i:K"  idempotency record of key K: the position it published
+--   base..":i:K:<length of K>"  idempotency record of key K: the position it published
 -- Live events go out on base..":live" as "<epoch> <id> <prev>\n<payload>".
 --
 -- Ids are stream ids from XADD * (milliseconds-sequence), so they grow with the clock: ids lost
@@ -81,7 +81,9 @@ local function publish(keys, args)
   end
   local record
   if idempotency ~= nil and idempotency ~= '' then
-    record = base .. ':i:' .. idempotency
+    -- The key's length last: channel names and keys may both contain ':', and this keeps two
+    -- different (channel, key) pairs from ever naming one record.
+    record = base .. ':i:' .. idempotency .. ':' .. #idempotency
     local earlier = redis.call('GET', record)
     if earlier then
       return earlier

@@ -1,0 +1,263 @@
+//! `POST /publish?channel=<name>`: the HTTP publish API. Checks the request (method, channel,
+//! `Idempotency-Key`, token and its `publish` grant, body size and encoding) and hands the
+//! payload to the [`Publisher`](crate::publisher::Publisher). Every answer is counted in
+//! `ssehub_publish_requests_total{status}` here, in one place.
+//!
+//! The body is read only after the token is accepted, and never past
+//! `limits.max_payload_bytes` (plus the rest of the frame that crossed it).
+
+use std::future::Future;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CONTENT_LENGTH};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+
+use super::events::{CHANNEL_PARAM, TOKEN_PARAM};
+use super::{json_response, ApiError, EventsEndpoint, ResponseBody};
+use crate::auth::Denied;
+use crate::publisher::PublishError;
+
+/// Header that makes a repeated publish answer like the first.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Longest accepted `Idempotency-Key`, as the function library's.
+const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+
+/// Why a publish request was not served; each maps to one status.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    /// `400`.
+    #[error("{0}")]
+    BadRequest(String),
+    /// `401`.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// `403`.
+    #[error("{0}")]
+    Forbidden(String),
+    /// `405`.
+    #[error("method not allowed: use POST")]
+    MethodNotAllowed,
+    /// `413`.
+    #[error("{0}")]
+    TooLarge(String),
+    /// `422`.
+    #[error("the payload is not UTF-8")]
+    NotUtf8,
+    /// `503`.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl Refusal {
+    fn into_response(self) -> Response<ResponseBody> {
+        let (status, message) = match self {
+            // The statuses every endpoint shares are answered as they are everywhere else
+            // (`WWW-Authenticate`, `Retry-After`, the rejection counter).
+            Refusal::BadRequest(m) => return ApiError::BadRequest(m).into_response(),
+            Refusal::Unauthorized(m) => return ApiError::Unauthorized(m).into_response(),
+            Refusal::Forbidden(m) => return ApiError::Forbidden(m).into_response(),
+            Refusal::Unavailable(m) => return ApiError::Unavailable(m).into_response(),
+            Refusal::MethodNotAllowed => {
+                let mut response = ApiError::MethodNotAllowed.into_response();
+                response
+                    .headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static("POST"));
+                return response;
+            }
+            refusal @ Refusal::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, refusal.to_string()),
+            refusal @ Refusal::NotUtf8 => (StatusCode::UNPROCESSABLE_ENTITY, refusal.to_string()),
+        };
+        crate::metrics::request_rejected(status.as_u16());
+        json_response(status, &serde_json::json!({ "error": message }))
+    }
+}
+
+/// A request body `/publish` can read, at most a limit of it. hyper's bodies; and `()`, the
+/// fast path's, which never reaches `/publish` (it serves only `GET /events`).
+pub(crate) trait PublishBody: Send {
+    /// The whole body, or `None` when it is longer than `limit` bytes.
+    fn read_at_most(
+        self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Option<Bytes>, String>> + Send;
+}
+
+impl PublishBody for hyper::body::Incoming {
+    async fn read_at_most(self, limit: usize) -> Result<Option<Bytes>, String> {
+        match Limited::new(self, limit).collect().await {
+            Ok(collected) => Ok(Some(collected.to_bytes())),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Ok(None),
+            Err(e) => Err(format!("cannot read the request body: {e}")),
+        }
+    }
+}
+
+impl PublishBody for () {
+    async fn read_at_most(self, _limit: usize) -> Result<Option<Bytes>, String> {
+        Ok(Some(Bytes::new()))
+    }
+}
+
+/// Serves `/publish` (any method) and counts the answer.
+pub(crate) async fn handle<B: PublishBody>(
+    endpoint: &EventsEndpoint,
+    request: Request<B>,
+) -> Response<ResponseBody> {
+    let response = match publish(endpoint, request).await {
+        Ok(id) => json_response(StatusCode::OK, &serde_json::json!({ "id": id })),
+        Err(refusal) => refusal.into_response(),
+    };
+    crate::metrics::publish_request(response.status().as_u16());
+    response
+}
+
+async fn publish<B: PublishBody>(
+    endpoint: &EventsEndpoint,
+    request: Request<B>,
+) -> Result<String, Refusal> {
+    if request.method() != Method::POST {
+        return Err(Refusal::MethodNotAllowed);
+    }
+    let (channel, query_token) = parse_query(request.uri().query()).map_err(Refusal::BadRequest)?;
+    let idempotency_key = idempotency_key(request.headers()).map_err(Refusal::BadRequest)?;
+    endpoint
+        .authorizer
+        .authorize_publish(request.headers(), query_token.as_deref(), &channel)
+        .map_err(|denied| match denied {
+            Denied::Unauthenticated(message) => Refusal::Unauthorized(message),
+            Denied::Forbidden(message) => Refusal::Forbidden(message),
+        })?;
+    let limit = endpoint.settings.limits.max_payload_bytes;
+    let too_large = || {
+        Refusal::TooLarge(format!(
+            "the payload is larger than {limit} bytes (limits.max_payload_bytes)"
+        ))
+    };
+    if declared_length(request.headers()).is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    let payload = request
+        .into_body()
+        .read_at_most(limit)
+        .await
+        .map_err(Refusal::BadRequest)?
+        .ok_or_else(too_large)?;
+    if std::str::from_utf8(&payload).is_err() {
+        return Err(Refusal::NotUtf8);
+    }
+    endpoint
+        .publisher
+        .publish(&channel, &payload, idempotency_key.as_deref())
+        .await
+        .map_err(|error| match error {
+            PublishError::TooLarge(message) => Refusal::TooLarge(message),
+            PublishError::Rejected(message) => Refusal::BadRequest(message),
+            PublishError::Unavailable(message) => {
+                tracing::debug!(error = %message, "publish failed: Redis unavailable");
+                Refusal::Unavailable(format!("Redis is unavailable; retry later ({message})"))
+            }
+        })
+}
+
+/// The channel (exactly one, named as for `/events`) and the `token` parameter, if any.
+fn parse_query(query: Option<&str>) -> Result<(String, Option<String>), String> {
+    let mut channel = None;
+    let mut token = None;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match key.as_ref() {
+            CHANNEL_PARAM if channel.is_some() => {
+                return Err("exactly one `channel` query parameter is allowed".to_string())
+            }
+            CHANNEL_PARAM => {
+                crate::channels::validate_name(&value)?;
+                channel = Some(value.into_owned());
+            }
+            // The first wins, as for `/events`.
+            TOKEN_PARAM if token.is_none() => token = Some(value.into_owned()),
+            TOKEN_PARAM => {}
+            other => {
+                let shown: String = other.chars().take(64).collect();
+                return Err(format!("unknown query parameter `{shown}`"));
+            }
+        }
+    }
+    let channel = channel.ok_or("a `channel` query parameter is required")?;
+    Ok((channel, token))
+}
+
+/// The `Idempotency-Key` header, if sent: one header of 1 to 128 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, String> {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let bytes = value.as_bytes();
+    let visible = bytes.iter().all(|byte| (0x21..=0x7e).contains(byte));
+    if values.next().is_some()
+        || bytes.is_empty()
+        || bytes.len() > MAX_IDEMPOTENCY_KEY_BYTES
+        || !visible
+    {
+        return Err(format!(
+            "Idempotency-Key must be one header of 1 to {MAX_IDEMPOTENCY_KEY_BYTES} visible \
+             ASCII characters"
+        ));
+    }
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// The `Content-Length` the client declared, when it is a number.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exactly_one_valid_channel_is_required() {
+        assert_eq!(
+            parse_query(Some("channel=orders%3A1&token=t")),
+            Ok(("orders:1".to_string(), Some("t".to_string())))
+        );
+        for bad in [
+            None,
+            Some(""),
+            Some("channel="),
+            Some("channel=a+b"),
+            Some("channel=a&channel=b"),
+            Some("channel=a&lastEventId=1"),
+        ] {
+            assert!(parse_query(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn idempotency_keys_are_visible_ascii_up_to_128() {
+        let key = |value: &[u8]| {
+            let mut headers = HeaderMap::new();
+            if let Ok(value) = HeaderValue::from_bytes(value) {
+                headers.insert(IDEMPOTENCY_KEY, value);
+            }
+            idempotency_key(&headers)
+        };
+        assert_eq!(key(b"order-42:v1"), Ok(Some("order-42:v1".to_string())));
+        assert_eq!(key(&[b'k'; 128]), Ok(Some("k".repeat(128))));
+        assert!(key(&[b'k'; 129]).is_err());
+        assert!(key(b"two words").is_err());
+        assert!(key("caf\u{e9}".as_bytes()).is_err());
+        assert_eq!(idempotency_key(&HeaderMap::new()), Ok(None));
+        let mut twice = HeaderMap::new();
+        twice.append(IDEMPOTENCY_KEY, HeaderValue::from_static("a"));
+        twice.append(IDEMPOTENCY_KEY, HeaderValue::from_static("b"));
+        assert!(idempotency_key(&twice).is_err());
+    }
+}

@@ -1,0 +1,347 @@
+//! The publisher: how `POST /publish` puts an event into Redis, on either history backend.
+//!
+//! It owns one Redis command connection shared by every publish (multiplexed: concurrent
+//! publishes are pipelined on it). The connection is opened by the first publish, not at
+//! start-up, so the gateway starts and serves streams while Redis is down; after a connection
+//! failure it is dropped and the next publish opens a new one. It is not the subscription
+//! connection (`upstream` owns that one): a subscribed connection cannot send commands.
+//!
+//! - `history.backend = "redis"`: `FCALL ssehub_publish 1 <channel> <payload> [<key>]`. Redis
+//!   assigns the id where it stores the event; the answer is the SSE id a one-channel stream
+//!   shows for it ([`crate::position::single_channel_id`]). When Redis no longer has the
+//!   function (restarted without persistence, `FUNCTION FLUSH`), the library is loaded again
+//!   and the call retried once.
+//! - `history.backend = "memory"`: the payload is `PUBLISH`ed on the channel, like any
+//!   backend's publish, so every instance on that Redis serves it. Each instance numbers the
+//!   events it receives itself, so the answer cannot be an SSE id: it is an opaque publish id,
+//!   unique across the fleet ([`new_publish_id`]).
+//!
+//! An idempotency key makes a repeat within the window (same key, same channel, any instance)
+//! publish nothing and answer the first publish's id. With the memory backend the record and
+//! the `PUBLISH` are one script, so two concurrent repeats cannot both publish.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::MultiplexedConnection;
+use tokio::sync::Mutex;
+
+use crate::config::{HistoryBackend, Settings};
+use crate::functions::{self, LibraryBounds};
+
+/// The memory backend's publish: the idempotency record (when the request has a key, as
+/// `KEYS[1]`) and the `PUBLISH`, atomically. ARGV: channel, payload, window in ms, new id.
+/// Answers the id of the publish that happened: the new one, or the recorded one.
+const MEMORY_PUBLISH_SCRIPT: &str = r"
+if #KEYS == 1 then
+  local earlier = redis.call('GET', KEYS[1])
+  if earlier then
+    return earlier
+  end
+  redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[3])
+end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return ARGV[4]
+";
+
+/// Why a publish did not happen.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// Redis refused the payload as larger than the library's limit (loaded by an instance
+    /// with a smaller `limits.max_payload_bytes`).
+    #[error("{0}")]
+    TooLarge(String),
+    /// Redis refused the request itself (a channel name the library cannot store, ...).
+    #[error("{0}")]
+    Rejected(String),
+    /// Redis could not be reached, did not answer in time, or failed.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Publishes events into Redis for the HTTP publish API. Shared by every request.
+pub struct Publisher {
+    client: redis::Client,
+    /// The shared command connection; `None` until the first publish and after a failure.
+    connection: Mutex<Option<MultiplexedConnection>>,
+    backend: HistoryBackend,
+    /// Bounds the library is (re)loaded with (redis backend).
+    bounds: LibraryBounds,
+    /// How long an idempotency key is remembered, in ms (memory backend; the library has its
+    /// own copy in `bounds`).
+    idempotency_ms: u64,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+    memory_script: redis::Script,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("backend", &self.backend)
+            .field("bounds", &self.bounds)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    /// A publisher on `client`'s Redis, configured from `settings`. Connects nothing yet.
+    pub fn new(client: redis::Client, settings: &Settings) -> Publisher {
+        Publisher {
+            client,
+            connection: Mutex::new(None),
+            backend: settings.history.backend,
+            bounds: LibraryBounds::from_settings(settings),
+            idempotency_ms: settings
+                .publish
+                .idempotency_window_secs
+                .saturating_mul(1000),
+            connect_timeout: Duration::from_secs(settings.redis.connect_timeout_secs),
+            command_timeout: Duration::from_secs(settings.redis.command_timeout_secs),
+            memory_script: redis::Script::new(MEMORY_PUBLISH_SCRIPT),
+        }
+    }
+
+    /// Publishes `payload` on `channel` (at most once per `idempotency_key` within the window)
+    /// and returns its id. Bounded in time by `redis.connect_timeout_secs` plus
+    /// `redis.command_timeout_secs`.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        payload: &[u8],
+        idempotency_key: Option<&str>,
+    ) -> Result<String, PublishError> {
+        let attempt = async {
+            let mut connection = self.connection().await?;
+            let published = match self.backend {
+                HistoryBackend::Redis => {
+                    self.publish_through_function(
+                        &mut connection,
+                        channel,
+                        payload,
+                        idempotency_key,
+                    )
+                    .await
+                }
+                HistoryBackend::Memory => {
+                    self.publish_live(&mut connection, channel, payload, idempotency_key)
+                        .await
+                }
+            };
+            published.map_err(|e| self.classify(e))
+        };
+        match tokio::time::timeout(self.connect_timeout + self.command_timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.forget_connection();
+                Err(PublishError::Unavailable(
+                    "Redis did not answer in time (redis.connect_timeout_secs + \
+                     redis.command_timeout_secs)"
+                        .to_string(),
+                ))
+            }
+        }
+    }
+
+    /// The shared connection, opened if there is none.
+    async fn connection(&self) -> Result<MultiplexedConnection, PublishError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            return Ok(connection.clone());
+        }
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.command_timeout));
+        let connection = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| PublishError::Unavailable(format!("cannot connect to Redis: {e}")))?;
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Drops the shared connection, so that the next publish opens a new one. Never waits: if
+    /// the lock is taken, another publish is opening a new connection right now anyway.
+    fn forget_connection(&self) {
+        if let Ok(mut slot) = self.connection.try_lock() {
+            *slot = None;
+        }
+    }
+
+    /// `ssehub_publish`, loading the library first when Redis does not have it.
+    async fn publish_through_function(
+        &self,
+        connection: &mut MultiplexedConnection,
+        channel: &str,
+        payload: &[u8],
+        idempotency_key: Option<&str>,
+    ) -> Result<String, Failure> {
+        let position = match call_publish(connection, channel, payload, idempotency_key).await {
+            Err(e) if is_missing_function(&e) => {
+                tracing::info!("the ssehub function library is missing in Redis: loading it");
+                functions::load_library(connection, &self.bounds).await?;
+                call_publish(connection, channel, payload, idempotency_key).await?
+            }
+            result => result?,
+        };
+        let (epoch, stream_id) = position
+            .split_once(' ')
+            .ok_or_else(|| Failure::Unexpected(format!("ssehub_publish answered {position:?}")))?;
+        Ok(crate::position::single_channel_id(epoch, stream_id))
+    }
+
+    /// `PUBLISH` with the idempotency record, in one script.
+    async fn publish_live(
+        &self,
+        connection: &mut MultiplexedConnection,
+        channel: &str,
+        payload: &[u8],
+        idempotency_key: Option<&str>,
+    ) -> Result<String, Failure> {
+        let mut invocation = self.memory_script.prepare_invoke();
+        if let Some(key) = idempotency_key {
+            invocation.key(memory_idempotency_record(channel, key));
+        }
+        invocation
+            .arg(channel)
+            .arg(payload)
+            .arg(self.idempotency_ms)
+            .arg(new_publish_id());
+        Ok(invocation.invoke_async(connection).await?)
+    }
+
+    /// Maps a failure to what the client is told; forgets a connection that may be broken.
+    fn classify(&self, failure: Failure) -> PublishError {
+        let error = match failure {
+            Failure::Unexpected(message) => return PublishError::Unavailable(message),
+            Failure::Redis(error) => error,
+        };
+        let detail = error.detail().unwrap_or_default();
+        if matches!(error.kind(), redis::ErrorKind::Server(_)) {
+            // The library's refusals start with its name; see `redis/ssehub.lua`.
+            if detail.starts_with("ssehub: the payload is larger") {
+                return PublishError::TooLarge(detail.to_string());
+            }
+            if detail.starts_with("ssehub:") {
+                return PublishError::Rejected(detail.to_string());
+            }
+        } else {
+            // An I/O error or a dropped connection: the next publish reconnects.
+            self.forget_connection();
+        }
+        PublishError::Unavailable(format!("Redis failed the publish: {error}"))
+    }
+}
+
+/// A failed publish before it is classified.
+#[derive(Debug)]
+enum Failure {
+    Redis(redis::RedisError),
+    /// Redis answered something this build does not understand.
+    Unexpected(String),
+}
+
+impl From<redis::RedisError> for Failure {
+    fn from(error: redis::RedisError) -> Failure {
+        Failure::Redis(error)
+    }
+}
+
+async fn call_publish(
+    connection: &mut MultiplexedConnection,
+    channel: &str,
+    payload: &[u8],
+    idempotency_key: Option<&str>,
+) -> redis::RedisResult<String> {
+    let mut call = redis::cmd("FCALL");
+    call.arg("ssehub_publish").arg(1).arg(channel).arg(payload);
+    if let Some(key) = idempotency_key {
+        call.arg(key);
+    }
+    call.query_async(connection).await
+}
+
+/// Whether Redis answered that the function does not exist (it lost the library).
+fn is_missing_function(error: &redis::RedisError) -> bool {
+    error
+        .detail()
+        .is_some_and(|detail| detail.starts_with("Function not found"))
+}
+
+/// The key of the memory backend's idempotency record for `key` on `channel`: in the channel's
+/// own hash slot, as the function library's keys are ([`functions::key_base`]), apart from the
+/// library's records (`mi`, not `i`: the two backends' records hold different ids), and ending
+/// in the key's length, so two different (channel, key) pairs never name one record although
+/// both may contain `:`. A name the library refuses (a `}` without a hash tag) gets a prefix
+/// of its own.
+pub fn memory_idempotency_record(channel: &str, key: &str) -> String {
+    let base = functions::key_base(channel).unwrap_or_else(|| format!("ssehub:m:{channel}"));
+    format!("{base}:mi:{key}:{}", key.len())
+}
+
+/// A new memory-backend publish id: `m`, the time in ms and 64 random bits, both base 36
+/// (`m` + 8 + 13 characters). Unique across the fleet without coordination; sortable by time
+/// only roughly (clocks differ), and not an SSE id.
+pub fn new_publish_id() -> String {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis());
+    let random: u64 = rand::random();
+    format!(
+        "m{}{:0>13}",
+        base36(u64::try_from(now_ms).unwrap_or(u64::MAX)),
+        base36(random)
+    )
+}
+
+fn base36(mut n: u64) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotency_records_live_in_the_channels_slot_and_never_collide() {
+        assert_eq!(
+            memory_idempotency_record("orders", "k1"),
+            "ssehub:{orders}:mi:k1:2"
+        );
+        assert_eq!(
+            memory_idempotency_record("{shop}:orders", "k1"),
+            "ssehub:t:{shop}:orders:mi:k1:2"
+        );
+        assert_ne!(
+            memory_idempotency_record("{t}a", "x:mi:b"),
+            memory_idempotency_record("{t}a:mi:x", "b")
+        );
+        assert_ne!(
+            memory_idempotency_record("{x}", "k"),
+            memory_idempotency_record("x", "k")
+        );
+        assert_eq!(memory_idempotency_record("{}x", "k"), "ssehub:m:{}x:mi:k:1");
+    }
+
+    #[test]
+    fn publish_ids_are_distinct_and_shaped() {
+        let a = new_publish_id();
+        let b = new_publish_id();
+        assert_ne!(a, b);
+        assert!(a.starts_with('m') && a.len() == 22, "{a}");
+        assert!(a[1..].bytes().all(|c| c.is_ascii_alphanumeric()), "{a}");
+        assert_eq!(base36(0), "0");
+        assert_eq!(base36(35), "z");
+        assert_eq!(base36(36), "10");
+    }
+}
