@@ -18,6 +18,8 @@ use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
 pub mod balancer;
+pub mod lean;
+pub mod publisher;
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -25,12 +27,22 @@ pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
 /// Retries `check` until it returns true or `PATIENCE` runs out.
-pub async fn eventually<F, Fut>(what: &str, mut check: F) -> TestResult
+pub async fn eventually<F, Fut>(what: &str, check: F) -> TestResult
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + PATIENCE;
+    eventually_within(what, PATIENCE, check).await
+}
+
+/// [`eventually`] with a patience of its own, for what takes long by design (thousands of
+/// clients).
+pub async fn eventually_within<F, Fut>(what: &str, patience: Duration, mut check: F) -> TestResult
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + patience;
     loop {
         if check().await {
             return Ok(());
@@ -836,6 +848,12 @@ impl GatewayProcess {
             .find_map(|line| line.strip_prefix("VmRSS:"))
             .ok_or("no VmRSS line")?;
         Ok(line.trim().trim_end_matches("kB").trim().parse()?)
+    }
+
+    /// Kills the process abruptly (SIGKILL), as a crash or a lost node would, and reaps it.
+    pub async fn kill(&mut self) -> TestResult {
+        self.child.kill().await?;
+        Ok(())
     }
 
     /// Sends SIGTERM, as an orchestrator does to stop the gateway.
