@@ -111,7 +111,11 @@ async fn run_example(
 async fn the_readme_publishing_examples_run_and_their_events_arrive() -> TestResult {
     let python = readme_examples("python")?;
     let node = readme_examples("js")?;
-    assert_eq!((python.len(), node.len()), (1, 1), "one example per language");
+    assert_eq!(
+        (python.len(), node.len()),
+        (1, 1),
+        "one example per language"
+    );
     assert_eq!(readme_examples("go")?.len(), 1);
 
     let redis = TestRedis::start().await?;

@@ -305,3 +305,19 @@ async fn resumes_on_another_instance_are_served_from_its_cache_not_a_redis_call_
     first.stop().await?;
     second.stop().await
 }
+
+#[tokio::test]
+async fn plain_publish_is_not_served_with_the_redis_backend() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let gateway = TestGateway::start_ready(redis_backend_settings(&redis)).await?;
+    let mut client = gateway.subscribe("channel=orders").await?;
+    client.next_block().await?;
+    // No gateway listens on the plain channel: an id assigned here could differ per instance.
+    assert_eq!(redis.publish("orders", "plain").await?, 0);
+    redis.publish_stored("orders", "stored").await?;
+    assert_eq!(read_events(&mut client, 1).await?, ["stored"]);
+    client
+        .expect_no_event(std::time::Duration::from_millis(200))
+        .await?;
+    gateway.stop().await
+}
