@@ -9,8 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::BodyExt;
 use ssehub::config::HistoryBackend;
 use ssehub::Settings;
 use support::*;
@@ -67,19 +66,7 @@ async fn send(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> TestResult<Answer> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let mut builder = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr.to_string());
-    for (name, value) in headers {
-        builder = builder.header(*name, *value);
-    }
-    let request = builder.body(Full::new(body.into()))?;
-    let response = tokio::time::timeout(PATIENCE, sender.send_request(request)).await??;
+    let response = send_body(addr, method, path, headers, body).await?;
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     let body = tokio::time::timeout(PATIENCE, response.into_body().collect())

@@ -25,20 +25,8 @@ async fn send(
     headers: &[(&str, &str)],
     body: &'static [u8],
 ) -> TestResult<u16> {
-    use http_body_util::{BodyExt, Full};
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let mut builder = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr.to_string());
-    for (name, value) in headers {
-        builder = builder.header(*name, *value);
-    }
-    let request = builder.body(Full::new(bytes::Bytes::from_static(body)))?;
-    let response = tokio::time::timeout(PATIENCE, sender.send_request(request)).await??;
+    use http_body_util::BodyExt;
+    let response = send_body(addr, method, path, headers, body).await?;
     let status = response.status().as_u16();
     tokio::time::timeout(PATIENCE, response.into_body().collect()).await??;
     Ok(status)

@@ -372,6 +372,34 @@ async fn send_from(
     path: &str,
     headers: &[(&str, &str)],
 ) -> TestResult<hyper::Response<Incoming>> {
+    send_with(source, addr, method, path, headers, Empty::<Bytes>::new()).await
+}
+
+/// Sends `method path` with `headers` and `body` on a new HTTP/1.1 connection.
+pub async fn send_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> TestResult<hyper::Response<Incoming>> {
+    let body = http_body_util::Full::new(body.into());
+    send_with(None, addr, method, path, headers, body).await
+}
+
+async fn send_with<B>(
+    source: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: B,
+) -> TestResult<hyper::Response<Incoming>>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let stream = match source {
         None => TcpStream::connect(addr).await?,
         Some(ip) => {
@@ -390,7 +418,7 @@ async fn send_from(
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
-    let request = builder.body(Empty::<Bytes>::new())?;
+    let request = builder.body(body)?;
     Ok(timeout(PATIENCE, sender.send_request(request)).await??)
 }
 
