@@ -456,7 +456,8 @@ def every_run_lines(per: dict, sides=SERVERS) -> list[str]:
     if lines:
         lines.insert(
             0,
-            "The table shows each server's median run by CPU-s per million events; every run "
+            f"The table shows each {'server' if sides == SERVERS else 'backend'}'s median run by CPU-s "
+            "per million events; every run "
             f"({'servers' if sides == SERVERS else 'backends'} alternating, each on a freshly started "
             f"{'server' if sides == SERVERS else 'pair of instances'}):",
         )
@@ -912,7 +913,8 @@ def fleet_section(fleet: dict, run_lines: list[str]) -> list[str]:
                 "resumed once it holds every event published before the kill; every client "
                 "verifies every event (order, duplicates, completeness) until the end. "
                 "\"All resumed\" is timed by the load generator from its `kill(2)` until every client "
-                "process reported its clients resumed."
+                "process reported its clients resumed; the per-client reconnect and resume times count from "
+                "the moment the client process got the word (right after the kill)."
             )
             L.append("")
             L += table(metric_rows(per, F2_ROWS, sides=("redis",)), header=("", "backend redis"))
