@@ -377,7 +377,10 @@ fn kill_server(args: &Args) -> Result<Option<Instant>, String> {
     #[allow(unsafe_code)]
     let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
     if rc != 0 {
-        return Err(format!("kill -KILL {pid}: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "kill -KILL {pid}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(Some(at))
 }
