@@ -2,13 +2,14 @@
 """Keeps the median of a workload's repeated runs, for bench/run-benchmarks.
 
 CPU figures on a virtual machine drift by 15-20 % from one run to the next, so the CPU workloads
-run several times, the servers alternating. For each workload and server this reads
+run several times, the servers alternating (for the fleet workload F1: the history backends,
+memory and redis). For each workload and server (or backend) found, this reads
 RESULTS/repeats/<W>-<server>-<round>.json, picks the run with the median CPU-s per million events
 (the lower middle one for an even count) and writes it as RESULTS/<W>-<server>.json, adding a
 `repeats` section with every run's figures, so the report can show the spread and check every
 run's delivery, not only the median one's.
 
-    bench/median_run.py RESULTS W1 W2 W4
+    bench/median_run.py RESULTS W1 W2 W4 F1
 """
 
 import glob
@@ -34,6 +35,15 @@ def summary(path: str, run: dict) -> dict:
 def round_of(path: str) -> int:
     stem = os.path.splitext(os.path.basename(path))[0]
     return int(stem.rsplit("-", 1)[1])
+
+
+def sides(results: str, workload: str) -> list[str]:
+    """The servers (or backends) with repeated runs of `workload`: the middle of each file name."""
+    found = set()
+    for path in glob.glob(os.path.join(results, "repeats", f"{workload}-*-*.json")):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        found.add(stem[len(workload) + 1 :].rsplit("-", 1)[0])
+    return sorted(found)
 
 
 def combine(results: str, workload: str, server: str) -> str | None:
@@ -70,7 +80,7 @@ def main() -> int:
         return 2
     results, workloads = sys.argv[1], sys.argv[2:]
     for workload in workloads:
-        for server in ("ssehub", "nchan"):
+        for server in sides(results, workload):
             out = combine(results, workload, server)
             if out is not None:
                 with open(out) as f:

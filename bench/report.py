@@ -27,6 +27,14 @@ WORKLOADS = {
     "W5": "max sustainable fan-out: the W1 rate stepped up",
     "W6": "reconnect storm: every client drops and resumes with Last-Event-ID",
 }
+# The fleet workloads (issue 14): ssehub only, two instances on one Redis; their sides are the
+# history backends, not the servers.
+FLEET = {
+    "F1": "fleet CPU: W1's load over two instances, history backend redis against memory",
+    "F2": "instance lost: every client on instance A, A SIGKILLed, each client resumes on B",
+}
+BACKENDS = ("memory", "redis")
+F1_TARGET = 1.3
 LATENCY_WORKLOADS = ("W1", "W2", "W4", "W5", "W6")
 CPU_WORKLOADS = ("W1", "W2", "W4", "W5", "W6")
 
@@ -57,6 +65,20 @@ def load(results_dir: str):
         with open(meta_path) as f:
             run_meta = json.load(f)
     return runs, w5, run_meta
+
+
+def load_fleet(results_dir: str) -> dict[str, dict[str, dict]]:
+    """F*.json by workload and history backend."""
+    fleet: dict[str, dict[str, dict]] = {}
+    for path in sorted(glob.glob(os.path.join(results_dir, "F*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        r["_file"] = os.path.relpath(path)
+        labels = r.get("labels", {})
+        workload, backend = labels.get("workload"), labels.get("backend")
+        if workload in FLEET and backend in BACKENDS:
+            fleet.setdefault(workload, {})[backend] = r
+    return fleet
 
 
 def w5_passes(r: dict) -> bool:
@@ -135,10 +157,15 @@ def command_of(r: dict) -> str:
     parts += ["--connect-rate", f"{a['connect_rate']:g}", "--warmup", f"{a['warmup']:g}"]
     if a["mode"] == "resume":
         parts += ["--drop-at", f"{a['drop_at'] if a['drop_at'] is not None else a['duration'] / 2:g}"]
+    # Fleet runs: the ports and pids change every run, so they are named, not given.
+    if a.get("kill_pid") is not None:
+        parts += ["--target", "<A>", "--kill-pid", "<pid of A>", "--resume-target", "<B>"]
+    elif "," in a.get("target", ""):
+        parts += ["--target", "<A>;<B>"]
     if r["processes"] > 1:
         parts += ["--max-per-process", str(a["max_per_process"])]
     parts += ["--path", f"'{a['path']}'"]
-    return " ".join(parts).replace(",", "")
+    return " ".join(parts).replace(",", "").replace(";", ",")
 
 
 # --- tables --------------------------------------------------------------------------------------
@@ -160,16 +187,19 @@ def other_cores(r: dict | None):
     return max(0.0, busy - r["server"]["cpu_s"] - r["generator"]["cpu_s_window"]) / window
 
 
-def metric_rows(runs: dict[str, dict], specs) -> list[tuple]:
+def metric_rows(runs: dict[str, dict], specs, sides=SERVERS) -> list[tuple]:
+    """One row per spec, a column per side; the ratio is the first side over the second (with
+    one side, there is no ratio column)."""
     rows = []
     for label, path, digits, with_ratio in specs:
         if path == ("other",):
-            values = [other_cores(runs.get(s)) for s in SERVERS]
+            values = [other_cores(runs.get(s)) for s in sides]
         else:
-            values = [get(runs.get(s), *path) for s in SERVERS]
-        rows.append(
-            (label, *(num(v, digits) for v in values), ratio(values[0], values[1]) if with_ratio else "")
-        )
+            values = [get(runs.get(s), *path) for s in sides]
+        cells = [num(v, digits) for v in values]
+        if len(sides) == 2:
+            cells.append(ratio(values[0], values[1]) if with_ratio else "")
+        rows.append((label, *cells))
     return rows
 
 
@@ -404,19 +434,19 @@ def spread(r: dict | None, key: str, digits=2) -> str:
     return f"{num(min(values), digits)}–{num(max(values), digits)}"
 
 
-def spread_note(runs: dict, key: str, lead: str, unit="") -> str:
+def spread_note(runs: dict, key: str, lead: str, unit="", sides=SERVERS) -> str:
     """' (LEAD N runs ranged ssehub lo–hi, nchan lo–hi)' for a target row, or ''."""
-    parts = [f"{s} {spread(runs.get(s), key)}{unit}" for s in SERVERS if spread(runs.get(s), key)]
-    counts = {len(repeat_runs(runs.get(s))) for s in SERVERS if repeat_runs(runs.get(s))}
+    parts = [f"{s} {spread(runs.get(s), key)}{unit}" for s in sides if spread(runs.get(s), key)]
+    counts = {len(repeat_runs(runs.get(s))) for s in sides if repeat_runs(runs.get(s))}
     if not parts or len(counts) != 1:
         return ""
     return f" ({lead} {counts.pop()} runs ranged {', '.join(parts)})"
 
 
-def every_run_lines(per: dict) -> list[str]:
+def every_run_lines(per: dict, sides=SERVERS) -> list[str]:
     """A repeated workload's figures of every run, under its table."""
     lines = []
-    for server in SERVERS:
+    for server in sides:
         runs = repeat_runs(per.get(server))
         if not runs:
             continue
@@ -426,8 +456,10 @@ def every_run_lines(per: dict) -> list[str]:
     if lines:
         lines.insert(
             0,
-            "The table shows each server's median run by CPU-s per million events; every run "
-            "(servers alternating, each on a freshly started server):",
+            f"The table shows each {'server' if sides == SERVERS else 'backend'}'s median run by CPU-s "
+            "per million events; every run "
+            f"({'servers' if sides == SERVERS else 'backends'} alternating, each on a freshly started "
+            f"{'server' if sides == SERVERS else 'pair of instances'}):",
         )
         lines.insert(1, "")
         lines.append("")
@@ -443,6 +475,7 @@ def main():
     args = parser.parse_args()
 
     runs, w5, meta = load(args.results)
+    fleet = load_fleet(args.results)
     os.makedirs(args.plots, exist_ok=True)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     plot_rel = os.path.relpath(os.path.abspath(args.plots), out_dir)
@@ -469,10 +502,14 @@ def main():
         "writes; do not edit by hand. Every number below comes from those files."
     )
     L.append("")
-    L.append("Regenerate everything (build, run W1–W6 against both servers, write this file and the plots):")
+    L.append(
+        "Regenerate everything (build, run W1–W6 against both servers and the fleet workloads F1–F2 "
+        "against ssehub, write this file and the plots):"
+    )
     L.append("")
     L.append("```sh")
     L.append("bench/run-benchmarks            # full run, about 15 minutes")
+    L.append("bench/run-benchmarks --only F1,F2   # only the fleet workloads (issue 14), about 5 minutes")
     L.append("python3 bench/report.py         # only this file and bench/plots/, from the existing results")
     L.append("```")
     L.append("")
@@ -637,7 +674,11 @@ def main():
                 verdict(ok),
             )
         )
-    L += table(rows, header=("target", "measured (ssehub vs nchan)", "ratio ssehub/nchan", "result"))
+    rows += fleet_target_rows(fleet)
+    L += table(
+        rows,
+        header=("target", "measured (ssehub vs nchan)", "ratio ssehub/nchan (fleet: redis/memory)", "result"),
+    )
     L.append("")
     saturated = [
         f"{w} {s}"
@@ -694,6 +735,8 @@ def main():
             L.append("Problems reported by the load generator: " + " — ".join(problems))
         L.append("")
 
+    L += fleet_section(fleet, fleet_run_lines(args.results))
+
     profile = os.path.join(args.results, "profile.md")
     if os.path.exists(profile):
         L.append("## Where ssehub's time and memory go")
@@ -704,6 +747,189 @@ def main():
 
     with open(args.out, "w") as f:
         f.write("\n".join(L) + "\n")
+
+
+# --- the fleet (issue 14) ------------------------------------------------------------------------
+
+
+def f1_figures(fleet: dict):
+    """F1's CPU-s per million delivered events, redis and memory backends (median runs)."""
+    per = fleet.get("F1", {})
+    return (
+        get(per.get("redis"), "server", "cpu_s_per_million_events"),
+        get(per.get("memory"), "server", "cpu_s_per_million_events"),
+    )
+
+
+def f2_figures(r: dict | None):
+    """F2's clients, resumed, seconds from the kill until all resumed, lost, duplicated."""
+    return (
+        get(r, "clients"),
+        get(r, "resume", "resumed"),
+        get(r, "resume", "kill_to_all_resumed_s"),
+        get(r, "delivery", "lost"),
+        get(r, "delivery", "duplicates_or_extra"),
+    )
+
+
+def fleet_target_rows(fleet: dict) -> list[tuple]:
+    rows = []
+    per = fleet.get("F1", {})
+    if per:
+        redis, memory = f1_figures(fleet)
+        delivered = all(clean(per.get(b)) for b in BACKENDS)
+        ok = None if redis is None or memory is None else redis <= F1_TARGET * memory and delivered
+        note = spread_note(per, "cpu_s_per_million_events", "medians; the", sides=BACKENDS)
+        rows.append(
+            (
+                f"F1 (issue 14): two instances, CPU-s per million delivered events with backend redis "
+                f"≤ {F1_TARGET}× memory's, nothing lost",
+                f"{num(redis)} vs {num(memory)}{note}; delivery "
+                + ("clean in every run" if delivered else "**with problems**"),
+                ratio(redis, memory),
+                verdict(ok),
+            )
+        )
+    r = fleet.get("F2", {}).get("redis")
+    if r is not None:
+        clients, resumed, secs, lost, extra = f2_figures(r)
+        ok = resumed == clients and lost == 0 and extra == 0 and secs is not None and secs < 10
+        rows.append(
+            (
+                "F2 (issue 14): instance A SIGKILLed, every client resumed on B in under 10 s, "
+                "nothing lost or duplicated",
+                f"{num(resumed)} of {num(clients)} in {num(secs)} s after the kill, {num(lost)} lost, "
+                f"{num(extra)} duplicated",
+                "",
+                verdict(ok),
+            )
+        )
+    return rows
+
+
+F2_ROWS = [
+    ("clients (all on instance A)", ("clients",), 0, False),
+    ("connected", ("connect", "connected"), 0, False),
+    ("connect errors", ("connect", "errors"), 0, False),
+    ("A killed at (s after first publish)", ("resume", "drop_at_s"), 1, False),
+    ("published before the kill", ("resume", "published_before_drop"), 0, False),
+    ("messages published", ("delivery", "published"), 0, False),
+    ("reconnected to B", ("resume", "reconnected"), 0, False),
+    ("resumed on B (had every event up to the kill)", ("resume", "resumed"), 0, False),
+    ("failed reconnects", ("resume", "failed"), 0, False),
+    ("reconnect p50 (ms after the kill)", ("resume", "reconnect_ms", "p50"), 1, False),
+    ("reconnect p99 (ms after the kill)", ("resume", "reconnect_ms", "p99"), 1, False),
+    ("resumed p99 (ms after the kill)", ("resume", "resume_ms", "p99"), 1, False),
+    ("**all resumed, from the kill (s)**", ("resume", "kill_to_all_resumed_s"), 2, False),
+    ("deliveries expected", ("delivery", "expected"), 0, False),
+    ("deliveries received", ("delivery", "received"), 0, False),
+    ("**lost**", ("delivery", "lost"), 0, False),
+    ("**duplicate or unexpected**", ("delivery", "duplicates_or_extra"), 0, False),
+    ("out of order", ("delivery", "out_of_order"), 0, False),
+    ("verified connections (every client)", ("verified", "connections"), 0, False),
+    ("instance B CPU in the window (s)", ("server", "cpu_s"), 2, False),
+    ("instance B RSS at the end (KiB)", ("server", "memory_kib", "end", "rss_kib"), 0, False),
+    ("generator CPU utilisation (cores)", ("generator", "cpu_utilisation"), 2, False),
+    ("other processes (Redis, anything else) in the window (cores)", ("other",), 2, False),
+    ("load average at start (1 min)", ("system", "load_average_start", 0), 2, False),
+    ("accept-queue overflows (kernel)", ("kernel_tcp", "ListenOverflows"), 0, False),
+]
+
+
+def fleet_run_lines(results_dir: str) -> list[str]:
+    """The fleet's own run (run-fleet.json, written by a run of F1/F2 alone), or a pointer to the
+    run described at the top."""
+    path = os.path.join(results_dir, "run-fleet.json")
+    if not os.path.exists(path):
+        return ["- Measured in the run described under \"Machine and run\"."]
+    with open(path) as f:
+        meta = json.load(f)
+    lines = []
+    v = meta.get("versions", {})
+    if meta.get("started_unix"):
+        start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(meta["started_unix"]))
+        took = (meta.get("finished_unix", meta["started_unix"]) - meta["started_unix"]) / 60
+        lines.append(
+            f"- Run apart from W1–W6, on the same machine: `{meta.get('command', '?')}` started {start}, "
+            f"took {took:.1f} minutes; ssehub at `{v.get('ssehub_commit', '?')}`, {v.get('redis', '?')}"
+        )
+    la_start, la_end = meta.get("load_average_start"), meta.get("load_average_end")
+    if la_start:
+        lines.append(
+            f"- load average (1/5/15 min) before the run {', '.join(f'{x:.2f}' for x in la_start)}"
+            + (f", after it {', '.join(f'{x:.2f}' for x in la_end)} (the run's own load included)" if la_end else "")
+        )
+    return lines
+
+
+def fleet_section(fleet: dict, run_lines: list[str]) -> list[str]:
+    L = ["## Fleet (issue 14): two ssehub instances on one Redis", ""]
+    if not fleet:
+        return L + ["Not run (`bench/run-benchmarks --only F1,F2`).", ""]
+    L += run_lines
+    L.append(
+        "- Two ssehub instances, A and B, on one Redis, both pinned to core 0 (the load generator "
+        "and Redis on core 1, as above), both started with the same settings as in W1–W6 plus "
+        "`history.backend`. With `redis`, events go in only through the gateway's Redis Function, "
+        "`FCALL ssehub_publish 1 <channel> <payload>` (one call per message, pipelined like the "
+        "`PUBLISH`es); with `memory`, by plain `PUBLISH`. Payloads, rates and checks are W1's and "
+        "W6's."
+    )
+    L.append("")
+    for w, title in FLEET.items():
+        L.append(f"### {w} — {title}")
+        L.append("")
+        per = fleet.get(w, {})
+        if not per:
+            L.append("Not run.")
+            L.append("")
+            continue
+        if w == "F1":
+            L.append(
+                "Clients alternate between A and B (client i on instance i mod 2); the server CPU "
+                "is both instances' together, so the redis backend pays for its reads of Redis on "
+                "either instance. The two backends alternate in every round, each on a freshly "
+                "started pair of instances; each backend's median run is shown."
+            )
+            L.append("")
+            L += table(metric_rows(per, COMMON, sides=BACKENDS), header=("", "memory (PUBLISH)", "redis (FCALL)", "redis/memory"))
+            L.append("")
+            L += every_run_lines(per, sides=BACKENDS)
+            redis, memory = f1_figures(fleet)
+            runs = {b: repeat_runs(per.get(b)) for b in BACKENDS}
+            if runs["redis"] and len(runs["redis"]) == len(runs["memory"]):
+                by_round = ", ".join(
+                    ratio(a.get("cpu_s_per_million_events"), b.get("cpu_s_per_million_events"))
+                    for a, b in zip(runs["redis"], runs["memory"])
+                )
+                L.append(f"Ratio redis/memory of the medians: **{ratio(redis, memory)}**; round by round: {by_round}.")
+                L.append("")
+        else:
+            L.append(
+                "All clients read one channel on instance A while events are published. At the "
+                "drop time the load generator SIGKILLs A and every client that was connected "
+                "reconnects at once to B with its own `Last-Event-ID` (W6's resume machinery; "
+                "clients that already saw A's sockets close are included). A client counts as "
+                "resumed once it holds every event published before the kill; every client "
+                "verifies every event (order, duplicates, completeness) until the end. "
+                "\"All resumed\" is timed by the load generator from its `kill(2)` until every client "
+                "process reported its clients resumed; the per-client reconnect and resume times count from "
+                "the moment the client process got the word (right after the kill)."
+            )
+            L.append("")
+            L += table(metric_rows(per, F2_ROWS, sides=("redis",)), header=("", "backend redis"))
+            L.append("")
+        L.append("Commands (core 1; both instances on core 0; `<A>`, `<B>`: their addresses):")
+        L.append("")
+        for b in BACKENDS:
+            if b in per:
+                L.append(f"- {b}: `{command_of(per[b])}`")
+        problems = [f"{b}: {'; '.join(per[b]['problems'])}" for b in BACKENDS if b in per and per[b]["problems"]]
+        if problems:
+            L.append("")
+            L.append("Problems reported by the load generator: " + " — ".join(problems))
+        L.append("")
+    return L
 
 
 def w5_section(w5, best_runs, failed) -> list[str]:

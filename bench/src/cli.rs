@@ -12,9 +12,18 @@ use serde::Serialize;
 #[derive(Debug, Clone, Parser, Serialize)]
 #[command(name = "loadgen", version, about)]
 pub(crate) struct Args {
-    /// Server address, `host:port` (an `http://` prefix and a path are ignored).
+    /// Server address, `host:port` (an `http://` prefix and a path are ignored). Several,
+    /// comma-separated, spread the clients round-robin over them (client i on target i mod n).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub target: String,
+    /// Resume mode: where the clients reconnect after the drop (default: where each was).
+    #[arg(long)]
+    pub resume_target: Option<String>,
+    /// Resume mode: SIGKILL this process at `--drop-at` instead of closing the clients'
+    /// sockets; every client that was connected then reconnects (to `--resume-target`) with its
+    /// Last-Event-ID, as the clients of a lost gateway instance do.
+    #[arg(long)]
+    pub kill_pid: Option<i32>,
     /// Request path; `{ch}` is replaced by the channel name.
     #[arg(long, default_value = "/events?channel={ch}")]
     pub path: String,
@@ -42,7 +51,7 @@ pub(crate) struct Args {
     /// How events are published.
     #[arg(long, value_enum, default_value_t = Publish::Redis)]
     pub publish: Publish,
-    /// Redis URL for `--publish redis`.
+    /// Redis URL for `--publish redis` and `--publish fcall`.
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
     /// Publisher URL for `--publish http`; `{ch}` is replaced by the channel name.
@@ -121,18 +130,23 @@ pub(crate) enum Channels {
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum Publish {
     None,
+    /// Redis `PUBLISH <channel> <payload>` (ssehub's `history.backend = "memory"`).
     Redis,
+    /// Redis `FCALL ssehub_publish 1 <channel> <payload>`: through the gateway's Redis Function,
+    /// the only way in with `history.backend = "redis"`.
+    Fcall,
     Http,
 }
 
 impl Args {
-    /// The host:port part of `--target`.
-    pub(crate) fn target_authority(&self) -> &str {
-        authority_of(&self.target)
+    /// Every `--target`, in order.
+    pub(crate) fn targets(&self) -> Result<Vec<Target>, String> {
+        self.target.split(',').map(Target::parse).collect()
     }
 
-    pub(crate) fn target_addr(&self) -> Result<SocketAddr, String> {
-        resolve(self.target_authority())
+    /// Where clients reconnect after a drop, when not where they were.
+    pub(crate) fn resume_target(&self) -> Result<Option<Target>, String> {
+        self.resume_target.as_deref().map(Target::parse).transpose()
     }
 
     pub(crate) fn channel_count(&self) -> usize {
@@ -217,6 +231,23 @@ impl Args {
     }
 }
 
+/// A server address and the `Host` header that goes with it.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub addr: SocketAddr,
+    pub host: String,
+}
+
+impl Target {
+    fn parse(target: &str) -> Result<Target, String> {
+        let host = authority_of(target.trim()).to_string();
+        Ok(Target {
+            addr: resolve(&host)?,
+            host,
+        })
+    }
+}
+
 /// `host:port` of a URL or authority.
 pub(crate) fn authority_of(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
@@ -267,6 +298,16 @@ mod tests {
         assert_eq!((0..1000).filter(|c| a.is_sampled(*c)).count(), 30);
         let all = args(&["--clients", "10", "--sample", "50"]);
         assert!((0..10).all(|c| all.is_sampled(c)));
+    }
+
+    #[test]
+    fn targets_are_a_comma_separated_list() -> Result<(), String> {
+        let two = args(&["--target", "127.0.0.1:81,http://127.0.0.1:82/x"]).targets()?;
+        let hosts: Vec<&str> = two.iter().map(|t| t.host.as_str()).collect();
+        assert_eq!(hosts, ["127.0.0.1:81", "127.0.0.1:82"]);
+        assert_eq!(two[1].addr.port(), 82);
+        assert!(args(&[]).resume_target()?.is_none());
+        Ok(())
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use crate::cli::{Args, Mode};
+use crate::cli::{Args, Mode, Target};
 use crate::stats::{hist_from_pairs, hist_pairs, new_hist};
 use crate::wire::{self, Block, Dechunker, EventCounter, SseParser};
 
@@ -203,8 +203,10 @@ pub(crate) struct ChildResult {
 /// The clients of this process.
 pub(crate) struct Worker {
     args: Rc<Args>,
-    target: SocketAddr,
-    host: String,
+    /// Client i connects to `targets[i % len]`.
+    targets: Vec<Target>,
+    /// Where clients reconnect after the drop, if not where they were.
+    resume_target: Option<Target>,
     first_client: usize,
     slots: Vec<Slot>,
     handles: RefCell<Vec<Option<AbortHandle>>>,
@@ -236,7 +238,8 @@ impl Worker {
         args: Rc<Args>,
         clients: std::ops::Range<usize>,
     ) -> Result<Rc<Worker>, String> {
-        let target = args.target_addr()?;
+        let targets = args.targets()?;
+        let resume_target = args.resume_target()?;
         let full_parse = args.mode == Mode::Resume;
         let slots = clients
             .clone()
@@ -256,9 +259,9 @@ impl Worker {
             .collect::<Vec<_>>();
         let count = slots.len();
         Ok(Rc::new(Worker {
-            host: args.target_authority().to_string(),
             args,
-            target,
+            targets,
+            resume_target,
             first_client: clients.start,
             slots,
             handles: RefCell::new(vec![None; count]),
@@ -333,18 +336,30 @@ impl Worker {
         }
     }
 
+    /// Where client `client` (global index) connects: after the drop, `--resume-target` if set.
+    fn target_of(&self, client: usize) -> &Target {
+        match (&self.resume_target, self.drop.get()) {
+            (Some(target), Some(_)) => target,
+            _ => &self.targets[client % self.targets.len()],
+        }
+    }
+
     /// Resume mode: drop every connection at once and reconnect each with its last event id.
+    /// With `--kill-pid` the coordinator has just killed the server: connections it already
+    /// ended are reconnected too.
     pub(crate) async fn drop_and_resume(
         self: &Rc<Self>,
         published_before_drop: u64,
     ) -> ResumeStats {
         let dropped_at = Instant::now();
         self.drop.set(Some((dropped_at, published_before_drop)));
+        let server_killed = self.args.kill_pid.is_some();
         for (local, slot) in self.slots.iter().enumerate() {
             if let Some(handle) = self.handles.borrow_mut()[local].take() {
                 handle.abort();
             }
-            if slot.state.get() == ConnState::Open {
+            let state = slot.state.get();
+            if state == ConnState::Open || (server_killed && state == ConnState::Closed) {
                 slot.state.set(ConnState::Dropped);
             }
         }
@@ -699,6 +714,7 @@ async fn open(
     resume_from: Option<&str>,
 ) -> Result<(TcpStream, wire::Head, Vec<u8>), String> {
     let client = worker.first_client + local;
+    let target = worker.target_of(client);
     let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {}", e.kind()))?;
     bind_address_no_port(&socket).map_err(|e| format!("setsockopt: {}", e.kind()))?;
     let source = SocketAddr::new(worker.args.source_addr(client).into(), 0);
@@ -706,14 +722,14 @@ async fn open(
         .bind(source)
         .map_err(|e| format!("bind: {}", e.kind()))?;
     let mut stream = socket
-        .connect(worker.target)
+        .connect(target.addr)
         .await
         .map_err(|e| format!("connect: {}", e.kind()))?;
     let _ = stream.set_nodelay(true);
     let mut request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n",
         worker.args.request_path(client),
-        worker.host
+        target.host
     );
     if let Some(id) = resume_from {
         request.push_str(&format!("Last-Event-ID: {id}\r\n"));

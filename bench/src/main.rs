@@ -8,6 +8,7 @@
 //! child -> READY {..}            all of its clients are connected (or failed)
 //! coord -> GO                    measurement window starts (children mark their counters)
 //! coord -> DROP <published>      resume mode: drop every client and reconnect with Last-Event-ID
+//!                                (with --kill-pid the coordinator has SIGKILLed the server first)
 //! child -> RESUMED               every reconnected client has caught up (or failed)
 //! coord -> STOP <published>      drain, then report
 //! child -> RESULT {..}           the child's figures (JSON)
@@ -252,6 +253,13 @@ fn unix_now() -> f64 {
 async fn coordinate(args: Args, nofile: u64) -> Result<Value, String> {
     let started_unix = unix_now();
     let pids = args.server_pids.clone();
+    if let Some(pid) = args.kill_pid {
+        if pids.iter().any(|p| i64::from(*p) == i64::from(pid)) {
+            return Err(format!(
+                "--kill-pid {pid} is also a --server-pid: its /proc entry goes away mid-run"
+            ));
+        }
+    }
     let memory_idle = procfs::memory_sum(&pids)?;
     let tcp_before = procfs::tcp_counters();
     let processes = args.process_count();
@@ -275,6 +283,7 @@ async fn coordinate(args: Args, nofile: u64) -> Result<Value, String> {
     children.broadcast("GO").await?;
     let window_start = Instant::now();
     let published = Rc::new(Cell::new(0u64));
+    let mut kill_to_resumed = None;
     let publish_stats = match sink.as_mut() {
         None => {
             tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
@@ -288,24 +297,20 @@ async fn coordinate(args: Args, nofile: u64) -> Result<Value, String> {
                 stats = &mut publishing => Some(stats),
                 _ = tokio::time::sleep_until(drop_at) => None,
             };
-            let stats = match stats {
-                Some(stats) => {
-                    children
-                        .broadcast(&format!("DROP {}", published.get()))
-                        .await?;
-                    children.expect("RESUMED", resume_limit(&args)).await?;
-                    stats
-                }
-                None => {
-                    children
-                        .broadcast(&format!("DROP {}", published.get()))
-                        .await?;
-                    let resumed = children.expect("RESUMED", resume_limit(&args));
-                    let (stats, resumed) = tokio::join!(publishing, resumed);
-                    resumed?;
-                    stats
-                }
+            let killed_at = kill_server(&args)?;
+            children
+                .broadcast(&format!("DROP {}", published.get()))
+                .await?;
+            let resumed = async {
+                let resumed = children.expect("RESUMED", resume_limit(&args)).await;
+                (resumed, Instant::now())
             };
+            let (stats, (resumed, resumed_at)) = match stats {
+                Some(stats) => (stats, resumed.await),
+                None => tokio::join!(publishing, resumed),
+            };
+            resumed?;
+            kill_to_resumed = killed_at.map(|at| resumed_at.duration_since(at).as_secs_f64());
             Some(stats)
         }
         Some(sink) => Some(publish::run(&args, sink, &published).await),
@@ -341,6 +346,7 @@ async fn coordinate(args: Args, nofile: u64) -> Result<Value, String> {
         published: published.get(),
         publish_s,
         window_s,
+        kill_to_resumed,
         server_cpu,
         memory: [memory_idle, memory_connected, memory_end],
         generator_cpu_window: own_cpu_window + results.iter().map(|r| r.cpu_window_s).sum::<f64>(),
@@ -361,6 +367,24 @@ async fn coordinate(args: Args, nofile: u64) -> Result<Value, String> {
     Ok(report)
 }
 
+/// `--kill-pid`: SIGKILLs that process (a gateway instance lost); returns when.
+fn kill_server(args: &Args) -> Result<Option<Instant>, String> {
+    let Some(pid) = args.kill_pid else {
+        return Ok(None);
+    };
+    let at = Instant::now();
+    // SAFETY: kill(2) only sends a signal to a process id; no memory is involved.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
+    if rc != 0 {
+        return Err(format!(
+            "kill -KILL {pid}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(Some(at))
+}
+
 fn resume_limit(args: &Args) -> Duration {
     Duration::from_secs_f64(args.connect_timeout + 60.0)
 }
@@ -375,6 +399,9 @@ struct Inputs<'a> {
     published: u64,
     publish_s: f64,
     window_s: f64,
+    /// `--kill-pid`: seconds from the SIGKILL until every client process reported its clients
+    /// resumed (or failed).
+    kill_to_resumed: Option<f64>,
     server_cpu: procfs::Cpu,
     memory: [procfs::Memory; 3],
     generator_cpu_window: f64,
@@ -481,8 +508,12 @@ fn build_report(input: Inputs<'_>) -> Value {
         }
         let reconnect = merge_pairs(parts.iter().map(|p| &p.reconnect_us));
         let caught_up = merge_pairs(parts.iter().map(|p| &p.resume_us));
+        let all_resumed = resumed == clients && clients > 0;
         json!({
             "drop_at_s": args.drop_at(),
+            "killed_pid": args.kill_pid,
+            "resume_target": args.resume_target,
+            "kill_to_all_resumed_s": input.kill_to_resumed.filter(|_| all_resumed),
             "clients": clients,
             "reconnected": total(|p| p.reconnected),
             "resumed": resumed,
@@ -492,7 +523,7 @@ fn build_report(input: Inputs<'_>) -> Value {
             "generator_spawned_ms": parts.iter().map(|p| p.spawned_ms).fold(0.0, f64::max),
             "reconnect_ms": summary_ms(&reconnect),
             "resume_ms": summary_ms(&caught_up),
-            "all_resumed_s": if resumed == clients && clients > 0 {
+            "all_resumed_s": if all_resumed {
                 Value::from(caught_up.max() as f64 / 1e6)
             } else {
                 Value::Null

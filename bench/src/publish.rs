@@ -1,5 +1,6 @@
-//! The publisher: a fixed message rate to Redis (`PUBLISH`) or to an HTTP publisher location
-//! (nchan), each message stamped with its per-channel sequence and send time.
+//! The publisher: a fixed message rate to Redis (`PUBLISH`, or `FCALL ssehub_publish` for
+//! ssehub's redis history backend) or to an HTTP publisher location (nchan), each message
+//! stamped with its per-channel sequence and send time.
 
 use std::cell::Cell;
 use std::time::Duration;
@@ -30,6 +31,8 @@ pub(crate) struct PublishStats {
 
 pub(crate) enum Sink {
     Redis(redis::aio::MultiplexedConnection),
+    /// `FCALL ssehub_publish 1 <channel> <payload>` on this connection.
+    Fcall(redis::aio::MultiplexedConnection),
     Http(HttpPublisher),
 }
 
@@ -37,18 +40,8 @@ impl Sink {
     pub(crate) async fn connect(args: &Args) -> Result<Sink, String> {
         match args.publish {
             Publish::None => Err("no publisher configured".to_string()),
-            Publish::Redis => {
-                let client = redis::Client::open(args.redis_url.as_str())
-                    .map_err(|e| format!("redis url: {e}"))?;
-                let connection = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    client.get_multiplexed_async_connection(),
-                )
-                .await
-                .map_err(|_| "redis: connect timed out".to_string())?
-                .map_err(|e| format!("redis: {e}"))?;
-                Ok(Sink::Redis(connection))
-            }
+            Publish::Redis => Ok(Sink::Redis(redis_connection(args).await?)),
+            Publish::Fcall => Ok(Sink::Fcall(redis_connection(args).await?)),
             Publish::Http => Ok(Sink::Http(HttpPublisher::connect(&args.publish_url).await?)),
         }
     }
@@ -68,9 +61,39 @@ impl Sink {
                         .map_err(|e| format!("redis: {e}"))?;
                 Ok(batch.len() as u64 - receivers.len() as u64)
             }
+            Sink::Fcall(connection) => {
+                let mut pipe = redis::pipe();
+                for (channel, payload) in batch {
+                    pipe.cmd("FCALL")
+                        .arg("ssehub_publish")
+                        .arg(1)
+                        .arg(channel)
+                        .arg(payload.as_slice());
+                }
+                // Each reply is the event's position, "<epoch> <id>"; a failed call fails the
+                // whole pipeline (counted as the batch failing).
+                let positions: Vec<String> =
+                    tokio::time::timeout(Duration::from_secs(10), pipe.query_async(connection))
+                        .await
+                        .map_err(|_| "redis: FCALL ssehub_publish timed out".to_string())?
+                        .map_err(|e| format!("redis: FCALL ssehub_publish: {e}"))?;
+                Ok(batch.len() as u64 - positions.len() as u64)
+            }
             Sink::Http(http) => http.send(batch).await,
         }
     }
+}
+
+async fn redis_connection(args: &Args) -> Result<redis::aio::MultiplexedConnection, String> {
+    let client =
+        redis::Client::open(args.redis_url.as_str()).map_err(|e| format!("redis url: {e}"))?;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(|_| "redis: connect timed out".to_string())?
+    .map_err(|e| format!("redis: {e}"))
 }
 
 /// Publishes `--rate` messages per second for `--duration` seconds. `published` is updated
