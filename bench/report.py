@@ -509,7 +509,7 @@ def main():
     L.append("")
     L.append("```sh")
     L.append("bench/run-benchmarks            # full run, about 15 minutes")
-    L.append("bench/run-benchmarks --only F1,F2   # only the fleet workloads (issue 14), about 5 minutes")
+    L.append("bench/run-benchmarks --only F1,F2   # only the fleet workloads (issue 14), about 3 minutes")
     L.append("python3 bench/report.py         # only this file and bench/plots/, from the existing results")
     L.append("```")
     L.append("")
