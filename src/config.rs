@@ -309,8 +309,16 @@ pub struct AdminSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSettings {
-    /// `redis://[user:password@]host:port[/db]` or `unix:///path/to/redis.sock`.
+    /// How Redis is deployed: one server, a Sentinel-managed primary, or a Cluster.
+    pub mode: RedisMode,
+    /// `redis://[user:password@]host:port[/db]` or `unix:///path/to/redis.sock`. With
+    /// `mode = "sentinel"` it says how to reach the primary (scheme, credentials, database);
+    /// its host and port are replaced by the address the sentinels report.
     pub url: String,
+    /// `mode = "cluster"`: seed nodes. `mode = "sentinel"`: the sentinels. Unused standalone.
+    pub nodes: Vec<String>,
+    /// `mode = "sentinel"`: the name the sentinels monitor the primary under.
+    pub master_name: String,
     /// Seconds allowed to open the connection.
     pub connect_timeout_secs: u64,
     /// Seconds between PINGs on the subscription connection (detects half-open TCP).
@@ -324,6 +332,20 @@ pub struct RedisSettings {
     /// Seconds a new stream waits for its channels' subscriptions (e.g. while Redis is down)
     /// before it is answered `503`.
     pub subscribe_timeout_secs: u64,
+}
+
+/// How Redis is deployed (`redis.mode`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One server at `redis.url`.
+    #[default]
+    Standalone,
+    /// A Redis Cluster, discovered from the seed `redis.nodes`.
+    Cluster,
+    /// A primary found through the sentinels `redis.nodes` under `redis.master_name`; the
+    /// gateway follows its failovers.
+    Sentinel,
 }
 
 /// `[sse]`
@@ -472,7 +494,10 @@ impl Default for LimitsSettings {
 impl Default for RedisSettings {
     fn default() -> Self {
         RedisSettings {
+            mode: RedisMode::Standalone,
             url: DEFAULT_REDIS_URL.to_string(),
+            nodes: Vec::new(),
+            master_name: String::new(),
             connect_timeout_secs: 5,
             ping_interval_secs: 5,
             command_timeout_secs: 5,
@@ -562,6 +587,7 @@ impl Settings {
                     .with_list_parse_key("channels.public")
                     .with_list_parse_key("server.cors_origins")
                     .with_list_parse_key("limits.trusted_proxies")
+                    .with_list_parse_key("redis.nodes")
                     .source(Some(env.clone())),
             )
             .build()
@@ -577,7 +603,7 @@ impl Settings {
         for pattern in &self.channels.public {
             Pattern::parse(pattern).map_err(|message| invalid("channels.public", message))?;
         }
-        check_redis_url(&self.redis.url).map_err(|message| invalid("redis.url", message))?;
+        self.validate_redis_topology()?;
         if self.server.worker_threads > MAX_WORKER_THREADS {
             return Err(invalid(
                 "server.worker_threads",
@@ -626,6 +652,66 @@ impl Settings {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", format!("not a valid filter: {e}")))?;
         Ok(self)
+    }
+
+    /// `redis.mode` and the keys that go with it: a key set for another mode is a mistake
+    /// (the operator meant something the gateway would silently not do).
+    fn validate_redis_topology(&mut self) -> Result<(), ConfigError> {
+        let redis = &mut self.redis;
+        redis.nodes.retain(|node| !node.is_empty());
+        check_redis_url(&redis.url).map_err(|message| invalid("redis.url", message))?;
+        for node in &redis.nodes {
+            check_redis_url(node)
+                .and_then(|()| check_network_url(node))
+                .map_err(|message| invalid("redis.nodes", message))?;
+        }
+        let needs = |key, what: &str| invalid(key, format!("must be set with redis.mode = {what}"));
+        let unused = |key, what: &str| {
+            invalid(
+                key,
+                format!("is not used with redis.mode = {what}; remove it or change the mode"),
+            )
+        };
+        match redis.mode {
+            RedisMode::Standalone => {
+                if !redis.nodes.is_empty() {
+                    return Err(unused("redis.nodes", "\"standalone\" (it uses redis.url)"));
+                }
+                if !redis.master_name.is_empty() {
+                    return Err(unused("redis.master_name", "\"standalone\""));
+                }
+            }
+            RedisMode::Sentinel => {
+                if redis.nodes.is_empty() {
+                    return Err(needs(
+                        "redis.nodes",
+                        "\"sentinel\" (the sentinels' addresses)",
+                    ));
+                }
+                if redis.master_name.is_empty() {
+                    return Err(needs("redis.master_name", "\"sentinel\""));
+                }
+                check_network_url(&redis.url).map_err(|message| invalid("redis.url", message))?;
+            }
+            RedisMode::Cluster => {
+                if redis.nodes.is_empty() {
+                    return Err(needs("redis.nodes", "\"cluster\" (seed nodes)"));
+                }
+                if !redis.master_name.is_empty() {
+                    return Err(unused("redis.master_name", "\"cluster\""));
+                }
+                if let Some(node) = redis.nodes.iter().find(|node| url_database(node) != 0) {
+                    return Err(invalid(
+                        "redis.nodes",
+                        format!(
+                            "`{}` names a database; a Redis Cluster has only database 0",
+                            redact_url(node)
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every duration at most a year: beyond that a value is a typo, and adding it to the clock
@@ -884,6 +970,29 @@ pub fn check_redis_url(url: &str) -> Result<(), String> {
         .map_err(|e| format!("not a valid Redis URL: {e}"))
 }
 
+/// Refuses a Unix socket URL where the gateway needs a network address (sentinels, cluster
+/// nodes, and a primary the sentinels report).
+fn check_network_url(url: &str) -> Result<(), String> {
+    match url.split_once("://") {
+        Some((scheme, _)) if scheme.ends_with("unix") => Err(format!(
+            "`{}` is a Unix socket; this mode needs redis://host:port",
+            redact_url(url)
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The database a `redis://` URL names (0 when it names none).
+fn url_database(url: &str) -> u32 {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let path = rest.find('/').map_or("", |at| &rest[at + 1..]);
+    path.split(['?', '#'])
+        .next()
+        .unwrap_or("")
+        .parse()
+        .unwrap_or(0)
+}
+
 /// The `[user:password@]host:port[/db]` part of a `redis://` URL.
 fn check_redis_authority(rest: &str) -> Result<(), String> {
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
@@ -1070,6 +1179,66 @@ mod tests {
         // From the file: no variable to name.
         let err = error_of("[server]\nlisen = 1\n", &[]);
         assert!(!err.contains("SSEHUB__"), "{err}");
+    }
+
+    #[test]
+    fn redis_modes_take_their_nodes_from_the_file_or_the_environment() {
+        let sentinel = load(
+            "[redis]\nmode = \"sentinel\"\nmaster_name = \"main\"\n\
+             nodes = [\"redis://127.0.0.1:26379\"]\n",
+            &[],
+        )
+        .expect("valid sentinel settings");
+        assert_eq!(sentinel.redis.mode, RedisMode::Sentinel);
+        assert_eq!(sentinel.redis.nodes, ["redis://127.0.0.1:26379"]);
+        let cluster = load(
+            "",
+            &[
+                ("SSEHUB__REDIS__MODE", "cluster"),
+                (
+                    "SSEHUB__REDIS__NODES",
+                    "redis://127.0.0.1:7000,redis://127.0.0.1:7001",
+                ),
+            ],
+        )
+        .expect("valid cluster settings");
+        assert_eq!(cluster.redis.mode, RedisMode::Cluster);
+        assert_eq!(cluster.redis.nodes.len(), 2);
+    }
+
+    #[test]
+    fn redis_mode_keys_that_do_not_fit_the_mode_name_the_key() {
+        let cases = [
+            (
+                "[redis]\nmode = \"sentinel\"\nmaster_name = \"m\"\n",
+                "redis.nodes",
+            ),
+            (
+                "[redis]\nmode = \"sentinel\"\nnodes = [\"redis://h:1\"]\n",
+                "redis.master_name",
+            ),
+            ("[redis]\nmode = \"cluster\"\n", "redis.nodes"),
+            ("[redis]\nnodes = [\"redis://h:1\"]\n", "redis.nodes"),
+            ("[redis]\nmaster_name = \"m\"\n", "redis.master_name"),
+            (
+                "[redis]\nmode = \"cluster\"\nnodes = [\"redis://h:1/2\"]\n",
+                "redis.nodes",
+            ),
+            (
+                "[redis]\nmode = \"cluster\"\nnodes = [\"unix:///tmp/r.sock\"]\n",
+                "redis.nodes",
+            ),
+            (
+                "[redis]\nmode = \"cluster\"\nnodes = [\"redis://:pw@h:x\"]\n",
+                "redis.nodes",
+            ),
+            ("[redis]\nmode = \"mesh\"\n", "mode"),
+        ];
+        for (toml, key) in cases {
+            let err = error_of(toml, &[]);
+            assert!(err.contains(key), "{toml}: {err}");
+            assert!(!err.contains("pw@"), "{err}");
+        }
     }
 
     #[test]
