@@ -40,6 +40,7 @@ pub mod metrics;
 pub mod position;
 pub mod publisher;
 pub mod sse;
+pub mod topology;
 pub mod upstream;
 
 use std::future::Future;
@@ -257,8 +258,12 @@ impl Gateway {
     pub async fn start(settings: Settings, listeners: Listeners) -> Result<Gateway, StartError> {
         let settings = Arc::new(settings.validated()?);
         let invalid = |key, message| config::ConfigError::Invalid { key, message };
-        let redis = redis::Client::open(settings.redis.url.as_str())
-            .map_err(|e| invalid("redis.url", format!("not a valid Redis URL: {e}")))?;
+        let redis_key = match settings.redis.mode {
+            config::RedisMode::Standalone => "redis.url",
+            _ => "redis.nodes",
+        };
+        let topology =
+            topology::Topology::new(&settings.redis).map_err(|e| invalid(redis_key, e))?;
         let public = channels::PublicChannels::new(&settings.channels.public)
             .map_err(|e| invalid("channels.public", e))?;
         let authorizer = auth::Authorizer::new(public, &settings.auth)?;
@@ -269,11 +274,12 @@ impl Gateway {
         log_settings(&settings, public_options.connection_cap());
         let (hub, subscribe_requests) = hub::Hub::new(hub::HubSettings::from(&*settings));
         let stop = CancellationToken::new();
+        topology.start_watching(stop.clone());
         let drain = Arc::new(hub::Drain::default());
         let upstream = Supervised::spawn(
             "upstream",
             upstream::run(
-                redis.clone(),
+                topology.clone(),
                 hub.clone(),
                 subscribe_requests,
                 settings.redis.clone(),
@@ -292,7 +298,7 @@ impl Gateway {
             admission: http::Admission::new(&settings.limits),
             settings: settings.clone(),
             drain: drain.clone(),
-            publisher: publisher::Publisher::new(redis.clone(), &settings),
+            publisher: publisher::Publisher::new(topology.clone(), &settings),
         });
         if settings.server.http1_fast_path {
             public_options.fast_events = Some(events.clone());
@@ -500,7 +506,7 @@ fn log_settings(settings: &Settings, connection_cap: usize) {
     tracing::info!(
         server.listen = %settings.server.listen,
         admin.listen = %settings.admin.listen,
-        redis.url = %config::redact_url(&settings.redis.url),
+        redis = %topology::Topology::describe(&settings.redis),
         sse.heartbeat_secs = settings.sse.heartbeat_secs,
         sse.retry_ms = settings.sse.retry_ms,
         sse.event_type_field = %settings.sse.event_type_field,

@@ -22,11 +22,14 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::sync::Arc;
+
 use redis::aio::MultiplexedConnection;
 use tokio::sync::Mutex;
 
 use crate::config::{HistoryBackend, Settings};
 use crate::functions::{self, LibraryBounds};
+use crate::topology::Topology;
 
 /// The memory backend's publish: the idempotency record (when the request has a key, as
 /// `KEYS[1]`) and the `PUBLISH`, atomically. ARGV: channel, payload, window in ms, new id.
@@ -60,9 +63,11 @@ pub enum PublishError {
 
 /// Publishes events into Redis for the HTTP publish API. Shared by every request.
 pub struct Publisher {
-    client: redis::Client,
-    /// The shared command connection; `None` until the first publish and after a failure.
-    connection: Mutex<Option<MultiplexedConnection>>,
+    /// Where the primary is.
+    topology: Arc<Topology>,
+    /// The shared command connection with the topology generation it was opened in; `None`
+    /// until the first publish and after a failure.
+    connection: Mutex<Option<(u64, MultiplexedConnection)>>,
     backend: HistoryBackend,
     /// Bounds the library is (re)loaded with (redis backend).
     bounds: LibraryBounds,
@@ -84,10 +89,10 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    /// A publisher on `client`'s Redis, configured from `settings`. Connects nothing yet.
-    pub fn new(client: redis::Client, settings: &Settings) -> Publisher {
+    /// A publisher on `topology`'s primary, configured from `settings`. Connects nothing yet.
+    pub fn new(topology: Arc<Topology>, settings: &Settings) -> Publisher {
         Publisher {
-            client,
+            topology,
             connection: Mutex::new(None),
             backend: settings.history.backend,
             bounds: LibraryBounds::from_settings(settings),
@@ -142,21 +147,26 @@ impl Publisher {
         }
     }
 
-    /// The shared connection, opened if there is none.
+    /// The shared connection, opened if there is none or the primary moved since it was.
     async fn connection(&self) -> Result<MultiplexedConnection, PublishError> {
         let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref() {
-            return Ok(connection.clone());
+        let generation = self.topology.generation();
+        if let Some((opened_in, connection)) = slot.as_ref() {
+            if *opened_in == generation {
+                return Ok(connection.clone());
+            }
         }
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.command_timeout));
-        let connection = self
-            .client
+        let unavailable =
+            |e: String| PublishError::Unavailable(format!("cannot connect to Redis: {e}"));
+        let client = self.topology.primary().await.map_err(unavailable)?;
+        let connection = client
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .map_err(|e| PublishError::Unavailable(format!("cannot connect to Redis: {e}")))?;
-        *slot = Some(connection.clone());
+            .map_err(|e| unavailable(e.to_string()))?;
+        *slot = Some((generation, connection.clone()));
         Ok(connection)
     }
 
@@ -225,10 +235,11 @@ impl Publisher {
             if detail.starts_with("ssehub:") {
                 return PublishError::Rejected(detail.to_string());
             }
-        } else {
-            // An I/O error or a dropped connection: the next publish reconnects.
-            self.forget_connection();
         }
+        // An I/O error, a dropped connection, or a node that no longer takes writes
+        // (READONLY after a failover demoted it): the next publish reconnects, to the
+        // primary of the moment.
+        self.forget_connection();
         PublishError::Unavailable(format!("Redis failed the publish: {error}"))
     }
 }

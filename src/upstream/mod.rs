@@ -21,7 +21,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use redis::aio::{PubSub, PubSubSink};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -30,6 +30,7 @@ use crate::config::RedisSettings;
 use crate::functions::{self, LibraryBounds};
 use crate::hub::{Hub, PublishOutcome, SubscribeRequest, UpstreamRequest};
 use crate::metrics;
+use crate::topology::Topology;
 
 mod history;
 
@@ -51,7 +52,7 @@ const DELIVERY_BURST: usize = 128;
 /// Runs until `shutdown` is cancelled. `shared_history` is set with the redis backend: the
 /// bounds of the function library it loads.
 pub async fn run(
-    client: redis::Client,
+    topology: Arc<Topology>,
     hub: Arc<Hub>,
     mut requests: mpsc::UnboundedReceiver<UpstreamRequest>,
     settings: RedisSettings,
@@ -63,13 +64,16 @@ pub async fn run(
         Duration::from_millis(settings.reconnect_max_ms),
     );
     let mut connected_before = false;
+    let mut changes = topology.changes();
     while !shutdown.is_cancelled() {
+        // A move announced from here on ends the session this connects.
+        changes.borrow_and_update();
         let connect = tokio::time::timeout(
             Duration::from_secs(settings.connect_timeout_secs),
-            client.get_async_pubsub(),
+            connect(&topology),
         );
         let failure = match connect.await {
-            Ok(Ok(pubsub)) => {
+            Ok(Ok((client, pubsub))) => {
                 let command_timeout = Duration::from_secs(settings.command_timeout_secs);
                 let shared = match shared_history {
                     Some(bounds) => SharedHistory::connect(&client, bounds, command_timeout)
@@ -82,6 +86,7 @@ pub async fn run(
                     requests: &mut requests,
                     settings: &settings,
                     shutdown: &shutdown,
+                    topology_changes: &mut changes,
                     shared: None,
                 };
                 let ended = match shared {
@@ -115,19 +120,34 @@ pub async fn run(
             retry_in_ms = delay.as_millis() as u64,
             "redis subscription connection down"
         );
-        wait_before_reconnect(&hub, delay, &shutdown).await;
+        wait_before_reconnect(&hub, delay, &mut changes, &shutdown).await;
     }
     hub.set_upstream_up(false);
 }
 
-/// Sleeps `delay` while still freeing idle channels and aging history.
-async fn wait_before_reconnect(hub: &Hub, delay: Duration, shutdown: &CancellationToken) {
+/// The subscription connection to the node that serves subscriptions now, with its client
+/// (for the history's command connection).
+async fn connect(topology: &Topology) -> Result<(redis::Client, PubSub), String> {
+    let client = topology.primary().await?;
+    let pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
+    Ok((client, pubsub))
+}
+
+/// Sleeps `delay` while still freeing idle channels and aging history. A new primary
+/// announced meanwhile ends the wait: the old one is what failed.
+async fn wait_before_reconnect(
+    hub: &Hub,
+    delay: Duration,
+    changes: &mut watch::Receiver<u64>,
+    shutdown: &CancellationToken,
+) {
     let until = Instant::now() + delay;
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(until) => return,
             _ = shutdown.cancelled() => return,
+            Ok(()) = changes.changed() => return,
             _ = sweep.tick() => {
                 // Nothing to unsubscribe from: the next connection subscribes only what is left.
                 sweep_hub(hub);
@@ -159,6 +179,8 @@ struct Session<'a> {
     requests: &'a mut mpsc::UnboundedReceiver<UpstreamRequest>,
     settings: &'a RedisSettings,
     shutdown: &'a CancellationToken,
+    /// Announces that the primary moved: this session's node is no longer the one to use.
+    topology_changes: &'a mut watch::Receiver<u64>,
     /// The shared history's command connection (redis backend).
     shared: Option<SharedHistory>,
 }
@@ -207,6 +229,9 @@ impl Session<'_> {
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
+                Ok(()) = self.topology_changes.changed() => {
+                    return lost("the primary moved".to_string());
+                }
                 message = messages.next() => match message {
                     Some(message) => {
                         if let Err(reason) = self.handle(&message).await {

@@ -1,0 +1,104 @@
+//! Where the gateway's Redis is (`redis.mode`), and how it finds the node to talk to.
+//!
+//! - `standalone`: the one server at `redis.url`.
+//! - `sentinel`: the primary that the sentinels (`redis.nodes`) report for
+//!   `redis.master_name`, reached with `redis.url`'s scheme, credentials and database. It is
+//!   asked for whenever the gateway (re)connects, checked with `ROLE` (a demoted primary that
+//!   comes back must not be mistaken for the current one), and followed through failovers:
+//!   [`sentinel`] listens for `+switch-master`, and [`Topology::changes`] tells the upstream and
+//!   the publisher to move at once instead of when their old connection times out.
+//!
+//! The redis crate's own Sentinel client resolves the primary once and does not follow a
+//! failover (redis-rs#1438), which is why following it is done here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{redact_url, RedisMode, RedisSettings};
+
+mod connector;
+mod sentinel;
+
+pub use connector::NodeConnector;
+use sentinel::Sentinels;
+
+/// The deployment the gateway talks to. Shared by the upstream and the publisher.
+#[derive(Debug)]
+pub struct Topology {
+    /// How every data node is reached.
+    connector: NodeConnector,
+    /// Set in sentinel mode.
+    sentinels: Option<Sentinels>,
+    /// Bumped whenever the primary may have moved.
+    changes: watch::Sender<u64>,
+    connect_timeout: Duration,
+}
+
+impl Topology {
+    /// The topology `settings` describe. Nothing is connected yet.
+    pub fn new(settings: &RedisSettings) -> Result<Arc<Topology>, String> {
+        let connector = NodeConnector::new(&settings.url)?;
+        let sentinels = match settings.mode {
+            RedisMode::Standalone => None,
+            RedisMode::Sentinel => Some(Sentinels::new(
+                &settings.nodes,
+                &settings.master_name,
+                &connector,
+            )?),
+            RedisMode::Cluster => {
+                return Err("redis.mode = \"cluster\" is not available in this build yet".into())
+            }
+        };
+        Ok(Arc::new(Topology {
+            connector,
+            sentinels,
+            changes: watch::channel(0).0,
+            connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
+        }))
+    }
+
+    /// Starts following the deployment's changes (the sentinels' `+switch-master`) until
+    /// `shutdown`. A no-op for a standalone server.
+    pub fn start_watching(self: &Arc<Self>, shutdown: CancellationToken) {
+        if let Some(sentinels) = &self.sentinels {
+            sentinels.watch(self.changes.clone(), self.connect_timeout, shutdown);
+        }
+    }
+
+    /// A client for the node that takes writes and serves subscriptions now.
+    pub async fn primary(&self) -> Result<redis::Client, String> {
+        match &self.sentinels {
+            None => self.connector.client(),
+            Some(sentinels) => sentinels.primary(self.connect_timeout).await,
+        }
+    }
+
+    /// Changes whenever the primary may have moved: a connection opened before a change
+    /// should be replaced.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The current generation of [`Topology::changes`].
+    pub fn generation(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
+    /// Says where Redis is, for the start-up log (passwords redacted).
+    pub fn describe(settings: &RedisSettings) -> String {
+        match settings.mode {
+            RedisMode::Standalone => redact_url(&settings.url),
+            RedisMode::Sentinel | RedisMode::Cluster => {
+                let nodes: Vec<String> = settings.nodes.iter().map(|n| redact_url(n)).collect();
+                let mode = match settings.mode {
+                    RedisMode::Sentinel => format!("sentinel {}", settings.master_name),
+                    _ => "cluster".to_string(),
+                };
+                format!("{mode} via {}", nodes.join(","))
+            }
+        }
+    }
+}
