@@ -321,3 +321,35 @@ async fn plain_publish_is_not_served_with_the_redis_backend() -> TestResult {
         .await?;
     gateway.stop().await
 }
+
+#[tokio::test]
+async fn a_stream_opened_while_redis_is_down_opens_once_the_subscription_is_restored() -> TestResult
+{
+    let mut redis = TestRedis::start().await?;
+    let mut settings = redis_backend_settings(&redis);
+    // Far beyond the test's patience: only the restore itself can let the stream open in time.
+    settings.redis.subscribe_timeout_secs = 60;
+    let gateway = TestGateway::start_ready(settings).await?;
+    let mut holder = gateway.subscribe("channel=orders").await?;
+    redis.publish_stored("orders", "before").await?;
+    assert_eq!(holder.next_data(1).await?, ["before"]);
+
+    redis.kill().await?;
+    gateway.wait_ready(503).await?;
+    let addr = gateway.addr;
+    let opening =
+        tokio::spawn(async move { SseClient::open(addr, "/events?channel=orders", &[]).await });
+    redis.restart().await?;
+    let (status, mut late) = opening.await??;
+    assert_eq!(status, 200);
+    redis.publish_stored("orders", "after").await?;
+    // Redis restarted empty, so the channel's history is gone: a reset may come first.
+    let event = loop {
+        let event = late.next_event().await?;
+        if event.reset().is_none() {
+            break event;
+        }
+    };
+    assert_eq!(event.data(), "after");
+    gateway.stop().await
+}

@@ -228,6 +228,10 @@ impl Hub {
             let mut state = channel.state.write();
             if state.status == Status::Interrupted {
                 state.status = Status::Subscribed;
+                drop(state);
+                // Streams opened while the subscription was down wait for this.
+                channel.changed.send_replace(());
+                channel.readers.wake_all();
             }
         }
     }
