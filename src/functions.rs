@@ -21,7 +21,7 @@ use redis::aio::ConnectionLike;
 /// Version of the library in this build. A fleet upgraded one instance at a time runs two
 /// versions at once: a version only adds to what the one before it offered, and an instance
 /// never replaces a newer library with its own.
-pub const LIBRARY_VERSION: i64 = 1;
+pub const LIBRARY_VERSION: i64 = 2;
 
 const SOURCE: &str = include_str!("redis/ssehub.lua");
 

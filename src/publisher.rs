@@ -29,7 +29,7 @@ use tokio::sync::Mutex;
 
 use crate::config::{HistoryBackend, Settings};
 use crate::functions::{self, LibraryBounds};
-use crate::topology::Topology;
+use crate::topology::{NodeAddress, Topology};
 
 /// The memory backend's publish: the idempotency record (when the request has a key, as
 /// `KEYS[1]`) and the `PUBLISH`, atomically. ARGV: channel, payload, window in ms, new id.
@@ -65,9 +65,9 @@ pub enum PublishError {
 pub struct Publisher {
     /// Where the primary is.
     topology: Arc<Topology>,
-    /// The shared command connection with the topology generation it was opened in; `None`
-    /// until the first publish and after a failure.
-    connection: Mutex<Option<(u64, MultiplexedConnection)>>,
+    /// The shared command connection with the node it is connected to; `None` until the
+    /// first publish and after a failure.
+    connection: Mutex<Option<(Option<NodeAddress>, MultiplexedConnection)>>,
     backend: HistoryBackend,
     /// Bounds the library is (re)loaded with (redis backend).
     bounds: LibraryBounds,
@@ -150,9 +150,8 @@ impl Publisher {
     /// The shared connection, opened if there is none or the primary moved since it was.
     async fn connection(&self) -> Result<MultiplexedConnection, PublishError> {
         let mut slot = self.connection.lock().await;
-        let generation = self.topology.generation();
-        if let Some((opened_in, connection)) = slot.as_ref() {
-            if *opened_in == generation {
+        if let Some((node, connection)) = slot.as_ref() {
+            if !self.topology.moved_from(node) {
                 return Ok(connection.clone());
             }
         }
@@ -161,12 +160,13 @@ impl Publisher {
             .set_response_timeout(Some(self.command_timeout));
         let unavailable =
             |e: String| PublishError::Unavailable(format!("cannot connect to Redis: {e}"));
-        let client = self.topology.primary().await.map_err(unavailable)?;
-        let connection = client
+        let primary = self.topology.primary().await.map_err(unavailable)?;
+        let connection = primary
+            .client
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(|e| unavailable(e.to_string()))?;
-        *slot = Some((generation, connection.clone()));
+        *slot = Some((primary.address, connection.clone()));
         Ok(connection)
     }
 

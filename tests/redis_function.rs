@@ -144,6 +144,25 @@ async fn positions_past_the_trim_are_expired_and_positions_from_lost_history_unk
 }
 
 #[tokio::test]
+async fn a_position_inside_the_kept_history_that_redis_never_stored_is_unknown() -> TestResult {
+    // What a planned failover leaves behind: the old primary took writes after the replica
+    // was promoted, a gateway delivered them, and the new primary's history forks before them.
+    let redis = TestRedis::start().await?;
+    let mut connection = with_library(&redis).await?;
+    let (epoch, first) = publish(&mut connection, "orders", "e0", None).await?;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    publish(&mut connection, "orders", "e1", None).await?;
+    let (ms, _) = stream_id(&first)?;
+    let never_stored = format!("{ms}-7");
+    let (outcome, _, events) = read(&mut connection, "orders", &epoch, &never_stored).await?;
+    assert_eq!((outcome.as_str(), events.len()), ("unknown_position", 0));
+    // The stored one still reads on.
+    let (outcome, _, events) = read(&mut connection, "orders", &epoch, &first).await?;
+    assert_eq!((outcome.as_str(), events.len()), ("ok", 1));
+    Ok(())
+}
+
+#[tokio::test]
 async fn flushall_starts_a_new_epoch_so_no_position_names_two_events() -> TestResult {
     let redis = TestRedis::start().await?;
     let mut connection = with_library(&redis).await?;

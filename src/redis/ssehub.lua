@@ -16,7 +16,7 @@
 -- ("<epoch> <id>") from before can never name a different event, even when the new epoch's
 -- first id repeats an old one.
 
-local VERSION = 1
+local VERSION = 2
 local CAPACITY = @CAPACITY@
 local MAX_AGE_MS = @MAX_AGE_MS@
 local KEY_TTL_MS = @KEY_TTL_MS@
@@ -131,6 +131,23 @@ local function compare(a, b)
   return 0
 end
 
+-- Why the events right after `after` cannot be read: trimmed ("history_expired") when
+-- `after` is older than the oldest event kept, otherwise never stored here
+-- ("unknown_position").
+local function missing_reason(stream, after)
+  if after == '' then
+    return 'history_expired'
+  end
+  local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+  if #oldest == 0 or compare(after, oldest[1][1]) < 0 then
+    return 'history_expired'
+  end
+  if #redis.call('XRANGE', stream, after, after) == 0 then
+    return 'unknown_position'
+  end
+  return 'history_expired'
+end
+
 -- The channel's current position, "<epoch> <last id>" ("" before the first event), creating
 -- the epoch if the channel has none: a reader's position then always names an epoch, so events
 -- of an epoch that was lost before the reader came back are never mistaken for new ones.
@@ -159,7 +176,9 @@ end
 --   {"history_expired", epoch} when events after the position were trimmed, by count or by
 --   age (an event older than the age bound counts as trimmed even before a publish trims it);
 --   {"unknown_position", epoch} when the position is from a lost epoch, or from events lost in
---   Redis (a failover that dropped writes).
+--   Redis (a failover that dropped writes: a position past the last event, or one inside the
+--   kept history that this Redis never stored, because the old primary took it after the
+--   replica was promoted).
 local function read(keys, args)
   local base = base_of(keys[1] or '')
   local epoch, after, count = args[1], args[2] or '', tonumber(args[3] or '')
@@ -190,7 +209,7 @@ local function read(keys, args)
     local fields = entry[2]
     local payload, prev = fields[2], fields[4]
     if index == 1 and prev ~= after then
-      return {'history_expired', current}
+      return {missing_reason(base .. ':h', after), current}
     end
     table.insert(reply, entry[1])
     table.insert(reply, prev)

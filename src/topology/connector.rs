@@ -25,6 +25,16 @@ impl NodeConnector {
         redis::Client::open(self.template.clone()).map_err(|e| e.to_string())
     }
 
+    /// The URL's own `host:port` (`None` for a Unix socket).
+    pub fn address(&self) -> Option<(String, u16)> {
+        match self.template.addr() {
+            ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+                Some((host.clone(), *port))
+            }
+            _ => None,
+        }
+    }
+
     /// A client for the node at `host:port`, reached like the URL's own node (TLS if the URL
     /// is `rediss://`).
     pub fn client_at(&self, host: &str, port: u16) -> Result<redis::Client, String> {

@@ -25,6 +25,18 @@ mod sentinel;
 pub use connector::NodeConnector;
 use sentinel::Sentinels;
 
+/// A node's `host:port`, as the topology names it.
+pub type NodeAddress = (String, u16);
+
+/// The node that takes writes and serves subscriptions, found by [`Topology::primary`].
+#[derive(Debug)]
+pub struct Primary {
+    /// A client for it.
+    pub client: redis::Client,
+    /// Where it is (`None` for a Unix socket).
+    pub address: Option<NodeAddress>,
+}
+
 /// The deployment the gateway talks to. Shared by the upstream and the publisher.
 #[derive(Debug)]
 pub struct Topology {
@@ -32,8 +44,8 @@ pub struct Topology {
     connector: NodeConnector,
     /// Set in sentinel mode.
     sentinels: Option<Sentinels>,
-    /// Bumped whenever the primary may have moved.
-    changes: watch::Sender<u64>,
+    /// The primary last announced by a sentinel (`None` until a failover is announced).
+    announced: watch::Sender<Option<NodeAddress>>,
     connect_timeout: Duration,
 }
 
@@ -55,7 +67,7 @@ impl Topology {
         Ok(Arc::new(Topology {
             connector,
             sentinels,
-            changes: watch::channel(0).0,
+            announced: watch::channel(None).0,
             connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
         }))
     }
@@ -64,27 +76,30 @@ impl Topology {
     /// `shutdown`. A no-op for a standalone server.
     pub fn start_watching(self: &Arc<Self>, shutdown: CancellationToken) {
         if let Some(sentinels) = &self.sentinels {
-            sentinels.watch(self.changes.clone(), self.connect_timeout, shutdown);
+            sentinels.watch(self.announced.clone(), self.connect_timeout, shutdown);
         }
     }
 
-    /// A client for the node that takes writes and serves subscriptions now.
-    pub async fn primary(&self) -> Result<redis::Client, String> {
+    /// The node that takes writes and serves subscriptions now.
+    pub async fn primary(&self) -> Result<Primary, String> {
         match &self.sentinels {
-            None => self.connector.client(),
+            None => Ok(Primary {
+                client: self.connector.client()?,
+                address: self.connector.address(),
+            }),
             Some(sentinels) => sentinels.primary(self.connect_timeout).await,
         }
     }
 
-    /// Changes whenever the primary may have moved: a connection opened before a change
-    /// should be replaced.
-    pub fn changes(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
+    /// Announcements of a new primary: a connection to any other node should be replaced.
+    pub fn announcements(&self) -> watch::Receiver<Option<NodeAddress>> {
+        self.announced.subscribe()
     }
 
-    /// The current generation of [`Topology::changes`].
-    pub fn generation(&self) -> u64 {
-        *self.changes.borrow()
+    /// Whether a connection to `address` should be replaced: a newer primary was announced.
+    pub fn moved_from(&self, address: &Option<NodeAddress>) -> bool {
+        let announced = self.announced.borrow();
+        announced.is_some() && *announced != *address
     }
 
     /// Says where Redis is, for the start-up log (passwords redacted).

@@ -7,7 +7,7 @@ use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::NodeConnector;
+use super::{NodeAddress, NodeConnector, Primary};
 use crate::config::redact_url;
 
 /// Pause before a sentinel whose subscription dropped is tried again.
@@ -46,7 +46,7 @@ impl Sentinels {
 
     /// The primary's client: the first sentinel that answers names it, and the node itself
     /// confirms with `ROLE` that it is the primary (a sentinel can lag behind a failover).
-    pub(super) async fn primary(&self, timeout: Duration) -> Result<redis::Client, String> {
+    pub(super) async fn primary(&self, timeout: Duration) -> Result<Primary, String> {
         let mut failures = Vec::new();
         for (url, sentinel) in &self.nodes {
             match self.ask(sentinel, timeout).await {
@@ -55,7 +55,10 @@ impl Sentinels {
                     confirm_primary(&client, timeout)
                         .await
                         .map_err(|e| format!("{host}:{port}, named by sentinel {url}: {e}"))?;
-                    return Ok(client);
+                    return Ok(Primary {
+                        client,
+                        address: Some((host, port)),
+                    });
                 }
                 Err(e) => failures.push(format!("{url}: {e}")),
             }
@@ -89,12 +92,12 @@ impl Sentinels {
         }
     }
 
-    /// Listens on every sentinel for `+switch-master` of our primary and bumps `changes` on
-    /// each, until `shutdown`. One listener per sentinel: any one of them announcing the
+    /// Listens on every sentinel for `+switch-master` of our primary and announces the new
+    /// primary on `announced`, until `shutdown`. One listener per sentinel: any one of them announcing the
     /// failover is enough, and one sentinel down must not leave the gateway deaf.
     pub(super) fn watch(
         &self,
-        changes: watch::Sender<u64>,
+        announced: watch::Sender<Option<NodeAddress>>,
         timeout: Duration,
         shutdown: CancellationToken,
     ) {
@@ -103,7 +106,7 @@ impl Sentinels {
                 url.clone(),
                 sentinel.clone(),
                 self.master_name.clone(),
-                changes.clone(),
+                announced.clone(),
                 timeout,
                 shutdown.clone(),
             ));
@@ -140,14 +143,14 @@ async fn listen(
     url: String,
     sentinel: redis::Client,
     master_name: String,
-    changes: watch::Sender<u64>,
+    announced: watch::Sender<Option<NodeAddress>>,
     timeout: Duration,
     shutdown: CancellationToken,
 ) {
     while !shutdown.is_cancelled() {
         let ended = tokio::select! {
             _ = shutdown.cancelled() => return,
-            ended = follow(&sentinel, &master_name, &changes, timeout) => ended,
+            ended = follow(&sentinel, &master_name, &announced, timeout) => ended,
         };
         tracing::warn!(sentinel = %url, reason = %ended, "sentinel subscription down");
         tokio::select! {
@@ -157,12 +160,12 @@ async fn listen(
     }
 }
 
-/// Subscribes to `+switch-master` and bumps `changes` for each switch of `master_name`.
-/// Returns why the subscription ended.
+/// Subscribes to `+switch-master` and announces each new primary of `master_name` (once:
+/// every sentinel announces the same switch). Returns why the subscription ended.
 async fn follow(
     sentinel: &redis::Client,
     master_name: &str,
-    changes: &watch::Sender<u64>,
+    announced: &watch::Sender<Option<NodeAddress>>,
     timeout: Duration,
 ) -> String {
     let subscribe = async {
@@ -177,13 +180,49 @@ async fn follow(
     };
     let mut messages = pubsub.on_message();
     while let Some(message) = messages.next().await {
-        // "<name> <old ip> <old port> <new ip> <new port>"
         let text = String::from_utf8_lossy(message.get_payload_bytes()).into_owned();
-        let mut fields = text.split(' ');
-        if fields.next() == Some(master_name) {
+        let Some(primary) = switched_to(&text, master_name) else {
+            continue;
+        };
+        let is_new = announced.send_if_modified(|current| {
+            if current.as_ref() == Some(&primary) {
+                return false;
+            }
+            *current = Some(primary.clone());
+            true
+        });
+        if is_new {
             tracing::info!(switch = %text, "sentinel announced a new primary");
-            changes.send_modify(|generation| *generation += 1);
         }
     }
     "connection closed".to_string()
+}
+
+/// The new primary in a `+switch-master` message of `master_name`:
+/// `"<name> <old ip> <old port> <new ip> <new port>"`.
+fn switched_to(message: &str, master_name: &str) -> Option<NodeAddress> {
+    let fields: Vec<&str> = message.split(' ').collect();
+    match fields.as_slice() {
+        [name, _, _, host, port] if *name == master_name => {
+            Some((host.to_string(), port.parse().ok()?))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_switch_names_the_new_primary_of_its_master_only() {
+        let message = "main 127.0.0.1 6379 127.0.0.1 6380";
+        assert_eq!(
+            switched_to(message, "main"),
+            Some(("127.0.0.1".to_string(), 6380))
+        );
+        assert_eq!(switched_to(message, "other"), None);
+        assert_eq!(switched_to("main 127.0.0.1 6379 127.0.0.1", "main"), None);
+        assert_eq!(switched_to("main a 1 b port", "main"), None);
+    }
 }

@@ -30,7 +30,7 @@ use crate::config::RedisSettings;
 use crate::functions::{self, LibraryBounds};
 use crate::hub::{Hub, PublishOutcome, SubscribeRequest, UpstreamRequest};
 use crate::metrics;
-use crate::topology::Topology;
+use crate::topology::{NodeAddress, Primary, Topology};
 
 mod history;
 
@@ -64,16 +64,17 @@ pub async fn run(
         Duration::from_millis(settings.reconnect_max_ms),
     );
     let mut connected_before = false;
-    let mut changes = topology.changes();
+    let mut announcements = topology.announcements();
     while !shutdown.is_cancelled() {
-        // A move announced from here on ends the session this connects.
-        changes.borrow_and_update();
+        // Announcements from here on are checked against the node this connects to.
+        announcements.borrow_and_update();
         let connect = tokio::time::timeout(
             Duration::from_secs(settings.connect_timeout_secs),
             connect(&topology),
         );
         let failure = match connect.await {
-            Ok(Ok((client, pubsub))) => {
+            Ok(Ok((primary, pubsub))) => {
+                let client = primary.client;
                 let command_timeout = Duration::from_secs(settings.command_timeout_secs);
                 let shared = match shared_history {
                     Some(bounds) => SharedHistory::connect(&client, bounds, command_timeout)
@@ -86,7 +87,9 @@ pub async fn run(
                     requests: &mut requests,
                     settings: &settings,
                     shutdown: &shutdown,
-                    topology_changes: &mut changes,
+                    topology: &topology,
+                    announcements: &mut announcements,
+                    node: primary.address,
                     shared: None,
                 };
                 let ended = match shared {
@@ -120,17 +123,21 @@ pub async fn run(
             retry_in_ms = delay.as_millis() as u64,
             "redis subscription connection down"
         );
-        wait_before_reconnect(&hub, delay, &mut changes, &shutdown).await;
+        wait_before_reconnect(&hub, delay, &mut announcements, &shutdown).await;
     }
     hub.set_upstream_up(false);
 }
 
 /// The subscription connection to the node that serves subscriptions now, with its client
 /// (for the history's command connection).
-async fn connect(topology: &Topology) -> Result<(redis::Client, PubSub), String> {
-    let client = topology.primary().await?;
-    let pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
-    Ok((client, pubsub))
+async fn connect(topology: &Topology) -> Result<(Primary, PubSub), String> {
+    let primary = topology.primary().await?;
+    let pubsub = primary
+        .client
+        .get_async_pubsub()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((primary, pubsub))
 }
 
 /// Sleeps `delay` while still freeing idle channels and aging history. A new primary
@@ -138,7 +145,7 @@ async fn connect(topology: &Topology) -> Result<(redis::Client, PubSub), String>
 async fn wait_before_reconnect(
     hub: &Hub,
     delay: Duration,
-    changes: &mut watch::Receiver<u64>,
+    announcements: &mut watch::Receiver<Option<NodeAddress>>,
     shutdown: &CancellationToken,
 ) {
     let until = Instant::now() + delay;
@@ -147,7 +154,7 @@ async fn wait_before_reconnect(
         tokio::select! {
             _ = tokio::time::sleep_until(until) => return,
             _ = shutdown.cancelled() => return,
-            Ok(()) = changes.changed() => return,
+            Ok(()) = announcements.changed() => return,
             _ = sweep.tick() => {
                 // Nothing to unsubscribe from: the next connection subscribes only what is left.
                 sweep_hub(hub);
@@ -179,8 +186,11 @@ struct Session<'a> {
     requests: &'a mut mpsc::UnboundedReceiver<UpstreamRequest>,
     settings: &'a RedisSettings,
     shutdown: &'a CancellationToken,
-    /// Announces that the primary moved: this session's node is no longer the one to use.
-    topology_changes: &'a mut watch::Receiver<u64>,
+    topology: &'a Topology,
+    /// New primaries, as sentinels announce them.
+    announcements: &'a mut watch::Receiver<Option<NodeAddress>>,
+    /// The node this session is connected to.
+    node: Option<NodeAddress>,
     /// The shared history's command connection (redis backend).
     shared: Option<SharedHistory>,
 }
@@ -229,8 +239,10 @@ impl Session<'_> {
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
-                Ok(()) = self.topology_changes.changed() => {
-                    return lost("the primary moved".to_string());
+                Ok(()) = self.announcements.changed() => {
+                    if self.topology.moved_from(&self.node) {
+                        return lost("a new primary was announced".to_string());
+                    }
                 }
                 message = messages.next() => match message {
                     Some(message) => {
