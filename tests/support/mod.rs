@@ -20,6 +20,7 @@ use tokio::time::{timeout, Instant};
 pub mod balancer;
 pub mod lean;
 pub mod publisher;
+pub mod topology;
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 

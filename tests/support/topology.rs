@@ -1,0 +1,613 @@
+//! Redis topologies for tests, as real processes on loopback ports: a Sentinel-managed primary
+//! with replicas ([`TestSentinels`]) and (next) a Redis Cluster, with the faults the
+//! gateway must survive (a primary killed, a planned failover, a slot moved, a failover that
+//! loses acknowledged writes).
+//!
+//! Owns the processes and their scratch directory; knows nothing about the gateway. Every wait
+//! is bounded and reports what it last saw when it gives up.
+//!
+//! The processes are `std::process::Child`ren, not tokio ones: a topology may be shared by the
+//! tests of one binary (each with its own runtime) and must be killable from any of them, or
+//! from none. A shared topology lives in a static and is never dropped, so every node also gets
+//! a watchdog shell that SIGKILLs it once the test process is gone.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use redis::FromRedisValue;
+use tokio::time::{timeout, Instant};
+
+use super::{free_port, ScratchDir, TestResult};
+
+/// The master name the sentinels monitor.
+pub const MASTER_NAME: &str = "ssehub-primary";
+
+/// How long topology changes (start, failover, resharding) may take before a wait gives up:
+/// longer than [`super::PATIENCE`] because a failover is detection plus election plus gossip.
+pub const TOPOLOGY_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How often the waits of this module poll.
+const POLL: Duration = Duration::from_millis(100);
+
+/// `cluster-node-timeout` and sentinel `down-after-milliseconds`: short, so a failover takes
+/// a few seconds, yet long enough that a loaded 2-core machine does not fail nodes over by
+/// itself.
+pub const NODE_TIMEOUT_MS: u64 = 1000;
+
+/// `redis://127.0.0.1:<port>`.
+pub fn redis_url(port: u16) -> String {
+    format!("redis://127.0.0.1:{port}")
+}
+
+/// One command against one node on a fresh connection, bounded in time.
+pub async fn query<T: FromRedisValue>(port: u16, command: &redis::Cmd) -> TestResult<T> {
+    Ok(try_query(port, command).await??)
+}
+
+/// Like [`query`], keeping the command's own outcome apart (for tests that pin a server error,
+/// `RedisError::code()`): the outer error is a failure to connect.
+pub async fn try_query<T: FromRedisValue>(
+    port: u16,
+    command: &redis::Cmd,
+) -> TestResult<redis::RedisResult<T>> {
+    let client = redis::Client::open(redis_url(port))?;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(Duration::from_secs(2)));
+    let mut connection = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    Ok(command.query_async(&mut connection).await)
+}
+
+/// The first element of `ROLE`: `"master"`, `"slave"` or `"sentinel"`.
+pub async fn role(port: u16) -> TestResult<String> {
+    let reply: Vec<redis::Value> = query(port, &redis::cmd("ROLE")).await?;
+    let first = reply.first().ok_or("empty ROLE reply")?;
+    Ok(String::from_redis_value(first.clone())?)
+}
+
+/// One `field:value` of `INFO <section>`.
+pub async fn info_field(port: u16, section: &str, field: &str) -> TestResult<String> {
+    let text: String = query(port, redis::cmd("INFO").arg(section)).await?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .map(|value| value.trim().to_string())
+        .ok_or_else(|| format!("INFO {section} of :{port} has no {field}").into())
+}
+
+/// Polls `probe` every [`POLL`] until it returns `Ok`; on timeout the error names `what` and
+/// the last thing `probe` saw.
+pub async fn poll_until<T, F, Fut>(what: &str, patience: Duration, mut probe: F) -> TestResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + patience;
+    loop {
+        let seen = match timeout(patience, probe()).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(seen)) => seen,
+            Err(_) => "the probe itself timed out".to_string(),
+        };
+        if Instant::now() > deadline {
+            return Err(format!(
+                "timed out after {patience:?} waiting for {what}; last seen: {seen}"
+            )
+            .into());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A scratch directory name unique to this process and call.
+fn scratch_dir(kind: &str) -> std::io::Result<ScratchDir> {
+    static MADE: AtomicUsize = AtomicUsize::new(0);
+    let made = MADE.fetch_add(1, Ordering::Relaxed);
+    ScratchDir::create(&format!("ssehub-{kind}-{}-{made}", std::process::id()))
+}
+
+/// One `redis-server` process (a data node or a sentinel), restartable with the same arguments.
+struct Node {
+    port: u16,
+    /// Everything after `redis-server`, so a restart is the same node again.
+    args: Vec<String>,
+    /// Where stdout and stderr go: the first place to look when a topology test fails.
+    log: PathBuf,
+    /// `None` while the node is killed.
+    child: Option<Child>,
+}
+
+impl Node {
+    fn new(port: u16, args: Vec<String>, dir: &Path) -> Node {
+        Node {
+            port,
+            args,
+            log: dir.join(format!("node-{port}.log")),
+            child: None,
+        }
+    }
+
+    /// Spawns the process and waits until it answers `PING`; fails early if it exits.
+    async fn spawn(&mut self) -> TestResult {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new("redis-server")
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start redis-server (is it installed?): {e}"))?;
+        spawn_watchdog(child.id());
+        self.child = Some(child);
+        let port = self.port;
+        let deadline = Instant::now() + super::PATIENCE;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return Err(format!(
+                    "redis-server on :{port} exited ({status}); see {}",
+                    self.log.display()
+                )
+                .into());
+            }
+            if query::<String>(port, &redis::cmd("PING")).await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("redis-server on :{port} does not answer PING").into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, then reaps the process: it is gone when this returns.
+    fn kill(&mut self) -> TestResult {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// SIGSTOP (`"-STOP"`) or SIGCONT (`"-CONT"`).
+    async fn signal(&self, signal: &str) -> TestResult {
+        let pid = self
+            .child
+            .as_ref()
+            .map(Child::id)
+            .ok_or_else(|| format!("redis-server on :{} is not running", self.port))?;
+        let status = tokio::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .await?;
+        if !status.success() {
+            return Err(format!("kill {signal} {pid} failed").into());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// A shell that SIGKILLs `pid` once this test process is gone, and ends by itself when `pid`
+/// does. Keeps a topology held in a static (never dropped) from outliving the test binary.
+fn spawn_watchdog(pid: u32) {
+    let script =
+        "while kill -0 \"$0\" 2>/dev/null && kill -0 \"$1\" 2>/dev/null; do sleep 0.5; done; \
+                  kill -0 \"$0\" 2>/dev/null || kill -9 \"$1\" 2>/dev/null";
+    let _ = Command::new("/bin/sh")
+        .args(["-c", script])
+        .arg(std::process::id().to_string())
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+}
+
+/// Arguments every data node gets: loopback only, no persistence, its files in `dir`.
+fn data_node_args(port: u16, dir: &Path) -> Vec<String> {
+    let mut args: Vec<String> = ["--port", &port.to_string(), "--bind", "127.0.0.1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    // No delay before a full sync (the default waits 5 s for more replicas): a replica must
+    // hold the primary's data before a test fails the primary over.
+    args.extend(
+        [
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--repl-diskless-sync-delay",
+            "0",
+            "--dir",
+        ]
+        .map(String::from),
+    );
+    args.push(dir.display().to_string());
+    args
+}
+
+/// Starts a node on a fresh port from `pick_port`, retrying with another port when the one
+/// picked was taken meanwhile (the port is only probed, not held).
+async fn start_node<P, A>(dir: &Path, mut pick_port: P, args_for: A) -> TestResult<Node>
+where
+    P: FnMut() -> TestResult<u16>,
+    A: Fn(u16) -> TestResult<Vec<String>>,
+{
+    let mut last_error = String::new();
+    for _ in 0..5 {
+        let port = pick_port()?;
+        let mut node = Node::new(port, args_for(port)?, dir);
+        match node.spawn().await {
+            Ok(()) => return Ok(node),
+            Err(e) => last_error = e.to_string(),
+        }
+    }
+    Err(format!("no node started after 5 ports: {last_error}").into())
+}
+
+/// Cuts every replica of `primary` off it, so that what it is sent next is acknowledged but
+/// replicated nowhere: the replicas are frozen first (SIGSTOP) so they cannot reconnect, then
+/// the primary drops their links (`CLIENT KILL TYPE replica`), checked with `connected_slaves:0`.
+///
+/// Freezing alone is not enough: the kernel keeps receiving (and acknowledging) replication
+/// bytes for a stopped process, which would apply them on SIGCONT.
+async fn cut_off_replicas(primary: u16, replicas: &[&Node]) -> TestResult {
+    for replica in replicas {
+        replica.signal("-STOP").await?;
+    }
+    query::<i64>(
+        primary,
+        redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("replica"),
+    )
+    .await?;
+    poll_until(
+        "the primary to have no replica",
+        super::PATIENCE,
+        || async move {
+            match info_field(primary, "replication", "connected_slaves").await {
+                Ok(count) if count == "0" => Ok(()),
+                Ok(count) => Err(format!("connected_slaves:{count}")),
+                Err(e) => Err(e.to_string()),
+            }
+        },
+    )
+    .await
+}
+
+/// Runs `commands` on `port`, one connection, replies in order.
+async fn run_commands(port: u16, commands: &[redis::Cmd]) -> TestResult<Vec<redis::Value>> {
+    let client = redis::Client::open(redis_url(port))?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let mut replies = Vec::with_capacity(commands.len());
+    for command in commands {
+        replies.push(command.query_async(&mut connection).await?);
+    }
+    Ok(replies)
+}
+
+/// One primary, two replicas and three sentinels monitoring it as [`MASTER_NAME`] (quorum 2),
+/// all killed on drop.
+pub struct TestSentinels {
+    /// The data nodes: the first primary, then its replicas. Roles change with failovers; ask
+    /// [`TestSentinels::primary`].
+    nodes: Vec<Node>,
+    sentinels: Vec<Node>,
+    /// Holds the sentinels' config files and the logs; removed on drop (after the nodes, as
+    /// fields drop in order).
+    dir: ScratchDir,
+}
+
+impl TestSentinels {
+    pub async fn start() -> TestResult<TestSentinels> {
+        let dir = scratch_dir("sentinel")?;
+        let path = dir.0.clone();
+        let primary = start_node(&path, free_port, |port| Ok(data_node_args(port, &path))).await?;
+        let primary_port = primary.port;
+        let mut nodes = vec![primary];
+        for _ in 0..2 {
+            let replica = start_node(&path, free_port, |port| {
+                let mut args = data_node_args(port, &path);
+                args.extend(["--replicaof".to_string(), "127.0.0.1".to_string()]);
+                args.push(primary_port.to_string());
+                Ok(args)
+            })
+            .await?;
+            nodes.push(replica);
+        }
+        // Sentinels list replicas from the primary's INFO: start them once both are linked.
+        poll_until(
+            "both replicas in sync with the primary",
+            TOPOLOGY_PATIENCE,
+            || async move {
+                let text: String = query(primary_port, redis::cmd("INFO").arg("replication"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let online = text.lines().filter(|l| l.contains("state=online")).count();
+                if online == 2 {
+                    Ok(())
+                } else {
+                    Err(format!("{online} replicas online"))
+                }
+            },
+        )
+        .await?;
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            let sentinel = start_node(&path, free_port, |port| {
+                let file = path.join(format!("sentinel-{port}.conf"));
+                std::fs::write(&file, sentinel_config(port, primary_port, &path))?;
+                Ok(vec![file.display().to_string(), "--sentinel".to_string()])
+            })
+            .await?;
+            sentinels.push(sentinel);
+        }
+        let topology = TestSentinels {
+            nodes,
+            sentinels,
+            dir,
+        };
+        topology.wait_until_sentinels_know_everyone().await?;
+        Ok(topology)
+    }
+
+    /// Every sentinel knows both replicas and the two other sentinels.
+    async fn wait_until_sentinels_know_everyone(&self) -> TestResult {
+        for port in self.sentinel_ports() {
+            poll_until(
+                "a sentinel to know 2 replicas and 2 sentinels",
+                TOPOLOGY_PATIENCE,
+                || async move {
+                    let replicas = query::<Vec<redis::Value>>(
+                        port,
+                        redis::cmd("SENTINEL").arg("REPLICAS").arg(MASTER_NAME),
+                    )
+                    .await;
+                    let peers = query::<Vec<redis::Value>>(
+                        port,
+                        redis::cmd("SENTINEL").arg("SENTINELS").arg(MASTER_NAME),
+                    )
+                    .await;
+                    match (replicas, peers) {
+                        (Ok(r), Ok(s)) if r.len() == 2 && s.len() == 2 => Ok(()),
+                        (Ok(r), Ok(s)) => Err(format!(
+                            "sentinel :{port} knows {} replicas, {} sentinels",
+                            r.len(),
+                            s.len()
+                        )),
+                        (r, s) => Err(format!("sentinel :{port}: {:?} {:?}", r.err(), s.err())),
+                    }
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub fn master_name(&self) -> &'static str {
+        MASTER_NAME
+    }
+
+    pub fn sentinel_ports(&self) -> Vec<u16> {
+        self.sentinels.iter().map(|s| s.port).collect()
+    }
+
+    /// `redis://127.0.0.1:<port>` of every sentinel.
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinels.iter().map(|s| redis_url(s.port)).collect()
+    }
+
+    /// Ports of the data nodes (primary and replicas), in start order.
+    pub fn data_ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    pub fn redis_url_of(&self, port: u16) -> String {
+        redis_url(port)
+    }
+
+    /// The primary as the first sentinel that answers reports it
+    /// (`SENTINEL GET-MASTER-ADDR-BY-NAME`).
+    pub async fn primary(&self) -> TestResult<u16> {
+        let mut last_error = String::from("no sentinel running");
+        for port in self.sentinel_ports() {
+            match primary_by_sentinel(port).await {
+                Ok(primary) => return Ok(primary),
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        Err(last_error.into())
+    }
+
+    /// The data nodes that are not the primary and are running.
+    pub async fn replicas(&self) -> TestResult<Vec<u16>> {
+        let primary = self.primary().await?;
+        Ok(self
+            .nodes
+            .iter()
+            .filter(|n| n.port != primary && n.is_running())
+            .map(|n| n.port)
+            .collect())
+    }
+
+    fn node(&self, port: u16) -> TestResult<&Node> {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .ok_or_else(|| format!("no data node on :{port}").into())
+    }
+
+    fn node_mut(&mut self, port: u16) -> TestResult<&mut Node> {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .ok_or_else(|| format!("no data node on :{port}").into())
+    }
+
+    /// SIGKILLs the primary; returns its port once the process is gone.
+    pub async fn kill_primary(&mut self) -> TestResult<u16> {
+        let primary = self.primary().await?;
+        self.node_mut(primary)?.kill()?;
+        Ok(primary)
+    }
+
+    /// Starts a killed data node again, as a replica of the current primary (sentinels would
+    /// reconfigure a returning old primary anyway; starting it as a replica avoids a window
+    /// with two primaries).
+    pub async fn restart_node(&mut self, port: u16) -> TestResult {
+        let primary = self.primary().await?;
+        let node = self.node_mut(port)?;
+        if node.is_running() {
+            return Err(format!("data node :{port} is running").into());
+        }
+        let mut args = data_node_args(port, node.log.parent().ok_or("log has no directory")?);
+        if primary != port {
+            args.extend([
+                "--replicaof".to_string(),
+                "127.0.0.1".to_string(),
+                primary.to_string(),
+            ]);
+        }
+        node.args = args;
+        node.spawn().await
+    }
+
+    /// `SENTINEL FAILOVER ssehub-primary` on a sentinel; returns the primary it replaces. Retried
+    /// while the sentinel answers that no replica is ready yet or a failover is in progress
+    /// (right after a previous failover).
+    pub async fn sentinel_failover(&self) -> TestResult<u16> {
+        let old = self.primary().await?;
+        let sentinel = *self.sentinel_ports().first().ok_or("no sentinel")?;
+        poll_until(
+            "SENTINEL FAILOVER to be accepted",
+            TOPOLOGY_PATIENCE,
+            || async move {
+                query::<String>(
+                    sentinel,
+                    redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+            },
+        )
+        .await?;
+        Ok(old)
+    }
+
+    /// Waits until every sentinel reports a primary other than `old` and that node answers
+    /// `ROLE` as master; returns its port.
+    pub async fn wait_for_primary_change(&self, old: u16, patience: Duration) -> TestResult<u16> {
+        let sentinels = self.sentinel_ports();
+        poll_until(
+            "every sentinel to report a new primary that is master",
+            patience,
+            || {
+                let sentinels = sentinels.clone();
+                async move {
+                    let mut reported = Vec::new();
+                    for sentinel in sentinels {
+                        reported.push(
+                            primary_by_sentinel(sentinel)
+                                .await
+                                .map_err(|e| e.to_string())?,
+                        );
+                    }
+                    let new = reported[0];
+                    if new == old || reported.iter().any(|&p| p != new) {
+                        return Err(format!(
+                            "sentinels report {reported:?} (old primary :{old})"
+                        ));
+                    }
+                    match role(new).await {
+                        Ok(role) if role == "master" => Ok(new),
+                        Ok(role) => Err(format!("sentinels report :{new}, which says ROLE {role}")),
+                        Err(e) => Err(format!("sentinels report :{new}, ROLE failed: {e}")),
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    /// A LOSSY failover: runs `commands` on the primary after cutting both replicas off it (see
+    /// [`cut_off_replicas`]), SIGKILLs the primary, then lets the replicas run again. What the
+    /// commands wrote was acknowledged and exists nowhere any more; the sentinels promote a
+    /// replica without it. Returns the old primary's port and the commands' replies; follow
+    /// with [`TestSentinels::wait_for_primary_change`].
+    pub async fn kill_primary_losing(
+        &mut self,
+        commands: &[redis::Cmd],
+    ) -> TestResult<(u16, Vec<redis::Value>)> {
+        let primary = self.primary().await?;
+        let replicas: Vec<&Node> = self
+            .nodes
+            .iter()
+            .filter(|n| n.port != primary && n.is_running())
+            .collect();
+        cut_off_replicas(primary, &replicas).await?;
+        let written = run_commands(primary, commands).await;
+        self.node_mut(primary)?.kill()?;
+        for node in self
+            .nodes
+            .iter()
+            .filter(|n| n.port != primary && n.is_running())
+        {
+            node.signal("-CONT").await?;
+        }
+        Ok((primary, written?))
+    }
+
+    /// SIGSTOP or SIGCONT of a data node (a frozen node keeps its sockets open).
+    pub async fn signal_node(&self, port: u16, signal: &str) -> TestResult {
+        self.node(port)?.signal(signal).await
+    }
+}
+
+/// The primary `sentinel` reports for [`MASTER_NAME`].
+async fn primary_by_sentinel(sentinel: u16) -> TestResult<u16> {
+    let (_ip, port): (String, String) = query(
+        sentinel,
+        redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(MASTER_NAME),
+    )
+    .await?;
+    Ok(port.parse()?)
+}
+
+/// A sentinel's config file: it must be a writable file, the sentinel rewrites it.
+fn sentinel_config(port: u16, primary: u16, dir: &Path) -> String {
+    format!(
+        "port {port}\n\
+         bind 127.0.0.1\n\
+         dir {dir}\n\
+         sentinel resolve-hostnames no\n\
+         sentinel announce-ip 127.0.0.1\n\
+         sentinel monitor {MASTER_NAME} 127.0.0.1 {primary} 2\n\
+         sentinel down-after-milliseconds {MASTER_NAME} {NODE_TIMEOUT_MS}\n\
+         sentinel failover-timeout {MASTER_NAME} 5000\n\
+         sentinel parallel-syncs {MASTER_NAME} 2\n",
+        dir = dir.display()
+    )
+}
