@@ -795,7 +795,9 @@ async fn a_function_spublishes_to_its_key_channel_but_not_to_another_slot() -> T
 
 #[tokio::test]
 async fn a_lossy_takeover_loses_acknowledged_writes() -> TestResult {
-    let cluster = shared_cluster().await?;
+    // A cluster of its own: a takeover leaves replication histories the shared one need not
+    // carry.
+    let cluster = TestCluster::start().await?;
     let shards = cluster.channels_on_each_shard(2).await?;
     let (primary, kept_key, lost_key) =
         (shards[0].0, shards[0].1[0].clone(), shards[0].1[1].clone());
@@ -825,7 +827,8 @@ async fn a_lossy_takeover_loses_acknowledged_writes() -> TestResult {
 
 #[tokio::test]
 async fn a_new_primary_joins_and_takes_a_slot_with_its_keys() -> TestResult {
-    let mut cluster = shared_cluster().await?;
+    // A cluster of its own: the shared one keeps three primaries, each with a replica.
+    let mut cluster = TestCluster::start().await?;
     let added = cluster.add_primary().await?;
     let shards = cluster.channels_on_each_shard(1).await?;
     let (owner, key) = (shards[0].0, shards[0].1[0].clone());

@@ -738,6 +738,9 @@ pub struct TestCluster {
     /// The slots each killed primary owned when it was killed, for
     /// [`TestCluster::wait_for_failover_of`].
     killed_primary_slots: BTreeMap<u16, Vec<(u16, u16)>>,
+    /// Nodes joined by [`TestCluster::add_primary`]: primaries that may own no slot and have
+    /// no replica.
+    added: Vec<u16>,
     /// Node configs (`nodes-<port>.conf`) and logs; removed on drop, after the nodes.
     dir: ScratchDir,
 }
@@ -780,6 +783,7 @@ impl TestCluster {
         let cluster = TestCluster {
             nodes,
             killed_primary_slots: BTreeMap::new(),
+            added: Vec::new(),
             dir,
         };
         cluster.wait_healthy().await?;
@@ -941,7 +945,39 @@ impl TestCluster {
         }
         self.killed_primary_slots.clear();
         self.wait_healthy().await?;
-        Ok(())
+        self.wait_roles_settled().await
+    }
+
+    /// Waits until every running node (but those added empty) owns slots or is a replica: a
+    /// returning old primary is a slotless master until it learns its successor.
+    async fn wait_roles_settled(&self) -> TestResult {
+        let running = self.running_ports();
+        let added = self.added.clone();
+        poll_until(
+            "every node to be a slot owner or a replica",
+            TOPOLOGY_PATIENCE,
+            || {
+                let (running, added) = (running.clone(), added.clone());
+                async move {
+                    for &port in &running {
+                        let view = cluster_nodes(port).await.map_err(|e| e.to_string())?;
+                        let unsettled = view.iter().find(|n| {
+                            running.contains(&n.port)
+                                && !added.contains(&n.port)
+                                && (n.is_suspect() || (n.is_primary() && n.slots.is_empty()))
+                        });
+                        if let Some(node) = unsettled {
+                            return Err(format!(
+                                ":{port} sees :{} as {:?} with {:?}",
+                                node.port, node.flags, node.slots
+                            ));
+                        }
+                    }
+                    Ok(())
+                }
+            },
+        )
+        .await
     }
 
     /// `CLUSTER FAILOVER` on `replica`: a planned failover; returns when it is primary and
@@ -1055,10 +1091,13 @@ impl TestCluster {
         }
         query::<()>(to, &setslot("NODE", &target.id)).await?;
         query::<()>(source.port, &setslot("NODE", &target.id)).await?;
-        for other in view
-            .iter()
-            .filter(|n| n.is_primary() && n.port != to && n.port != source.port && !n.is_suspect())
-        {
+        for other in view.iter().filter(|n| {
+            n.is_primary()
+                && !n.slots.is_empty()
+                && n.port != to
+                && n.port != source.port
+                && !n.is_suspect()
+        }) {
             query::<()>(other.port, &setslot("NODE", &target.id)).await?;
         }
         let running = self.running_ports();
@@ -1092,6 +1131,7 @@ impl TestCluster {
         .await?;
         let port = node.port;
         self.nodes.push(node);
+        self.added.push(port);
         let seed = *self.running_ports().first().ok_or("no node running")?;
         query::<()>(
             seed,
