@@ -1,5 +1,5 @@
 //! Redis topologies for tests, as real processes on loopback ports: a Sentinel-managed primary
-//! with replicas ([`TestSentinels`]) and (next) a Redis Cluster, with the faults the
+//! with replicas ([`TestSentinels`]) and a Redis Cluster ([`TestCluster`]), with the faults the
 //! gateway must survive (a primary killed, a planned failover, a slot moved, a failover that
 //! loses acknowledged writes).
 //!
@@ -11,6 +11,7 @@
 //! from none. A shared topology lives in a static and is never dropped, so every node also gets
 //! a watchdog shell that SIGKILLs it once the test process is gone.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -610,4 +611,679 @@ fn sentinel_config(port: u16, primary: u16, dir: &Path) -> String {
          sentinel parallel-syncs {MASTER_NAME} 2\n",
         dir = dir.display()
     )
+}
+
+/// The number of hash slots of a Redis Cluster.
+pub const SLOTS: u16 = 16384;
+
+/// The hash slot of `key`, as Redis computes it: CRC16 (XMODEM) of the key, or of its hash tag
+/// (the first non-empty `{...}`), modulo 16384.
+pub fn key_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let hashed = match bytes.iter().position(|&b| b == b'{') {
+        Some(open) => match bytes[open + 1..].iter().position(|&b| b == b'}') {
+            Some(len) if len > 0 => &bytes[open + 1..open + 1 + len],
+            _ => bytes,
+        },
+        None => bytes,
+    };
+    crc16(hashed) % SLOTS
+}
+
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// A free loopback port for a cluster node: below 55535 and with its bus port (+10000) free too.
+pub fn cluster_port() -> TestResult<u16> {
+    for _ in 0..1000 {
+        let port = free_port()?;
+        if port < 55535 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err("no port with a free cluster bus port".into())
+}
+
+/// One line of `CLUSTER NODES`: a node as one member sees it.
+#[derive(Clone, Debug)]
+pub struct ClusterNode {
+    pub id: String,
+    pub port: u16,
+    /// `myself`, `master`, `slave`, `fail?`, `fail`, `handshake`, `noaddr`, ...
+    pub flags: Vec<String>,
+    /// The id of the primary this node replicates, for a replica.
+    pub primary_id: Option<String>,
+    /// Owned slot ranges, inclusive (migration markers `[...]` left out).
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl ClusterNode {
+    pub fn is_primary(&self) -> bool {
+        self.flags.iter().any(|f| f == "master")
+    }
+
+    /// Flagged as failing (`fail` or `fail?`) or not yet fully known (`handshake`, `noaddr`).
+    pub fn is_suspect(&self) -> bool {
+        self.flags
+            .iter()
+            .any(|f| matches!(f.as_str(), "fail" | "fail?" | "handshake" | "noaddr"))
+    }
+
+    pub fn owns(&self, slot: u16) -> bool {
+        self.slots
+            .iter()
+            .any(|&(from, to)| (from..=to).contains(&slot))
+    }
+}
+
+/// `CLUSTER NODES` of the node on `port`, parsed.
+pub async fn cluster_nodes(port: u16) -> TestResult<Vec<ClusterNode>> {
+    let text: String = query(port, redis::cmd("CLUSTER").arg("NODES")).await?;
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(parse_node_line)
+        .collect()
+}
+
+fn parse_node_line(line: &str) -> TestResult<ClusterNode> {
+    let fields: Vec<&str> = line.split(' ').collect();
+    if fields.len() < 8 {
+        return Err(format!("short CLUSTER NODES line: {line}").into());
+    }
+    // `ip:port@cport[,hostname]`
+    let address = fields[1].split(['@', ',']).next().unwrap_or_default();
+    let port = address.rsplit(':').next().unwrap_or_default().parse()?;
+    let mut slots = Vec::new();
+    for range in fields[8..].iter().filter(|r| !r.starts_with('[')) {
+        let (from, to) = range.split_once('-').unwrap_or((range, range));
+        slots.push((from.parse()?, to.parse()?));
+    }
+    Ok(ClusterNode {
+        id: fields[0].to_string(),
+        port,
+        flags: fields[2].split(',').map(String::from).collect(),
+        primary_id: (fields[3] != "-").then(|| fields[3].to_string()),
+        slots,
+    })
+}
+
+/// Slot ranges to the port of their owner, as one node sees them.
+type SlotMap = Vec<(u16, u16, u16)>;
+
+fn slot_map(view: &[ClusterNode]) -> SlotMap {
+    let mut map: SlotMap = view
+        .iter()
+        .flat_map(|n| n.slots.iter().map(move |&(from, to)| (from, to, n.port)))
+        .collect();
+    map.sort_unstable();
+    map
+}
+
+/// Six nodes (3 primaries, 3 replicas) of a Redis Cluster with a short `cluster-node-timeout`,
+/// all killed on drop.
+pub struct TestCluster {
+    nodes: Vec<Node>,
+    /// The slots each killed primary owned when it was killed, for
+    /// [`TestCluster::wait_for_failover_of`].
+    killed_primary_slots: BTreeMap<u16, Vec<(u16, u16)>>,
+    /// Nodes joined by [`TestCluster::add_primary`]: primaries that may own no slot and have
+    /// no replica.
+    added: Vec<u16>,
+    /// Node configs (`nodes-<port>.conf`) and logs; removed on drop, after the nodes.
+    dir: ScratchDir,
+}
+
+impl TestCluster {
+    pub async fn start() -> TestResult<TestCluster> {
+        let dir = scratch_dir("cluster")?;
+        let mut nodes = Vec::new();
+        for _ in 0..6 {
+            let path = dir.0.clone();
+            nodes.push(
+                start_node(&dir.0, cluster_port, move |port| {
+                    Ok(cluster_node_args(port, &path))
+                })
+                .await?,
+            );
+        }
+        let mut create = tokio::process::Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for node in &nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        let output = timeout(
+            TOPOLOGY_PATIENCE,
+            create
+                .args(["--cluster-replicas", "1", "--cluster-yes"])
+                .stdin(Stdio::null())
+                .output(),
+        )
+        .await
+        .map_err(|_| "redis-cli --cluster create did not finish")??;
+        if !output.status.success() {
+            return Err(format!(
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+            .into());
+        }
+        let cluster = TestCluster {
+            nodes,
+            killed_primary_slots: BTreeMap::new(),
+            added: Vec::new(),
+            dir,
+        };
+        cluster.wait_healthy().await?;
+        Ok(cluster)
+    }
+
+    fn running_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .map(|n| n.port)
+            .collect()
+    }
+
+    fn node_mut(&mut self, port: u16) -> TestResult<&mut Node> {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .ok_or_else(|| format!("no cluster node on :{port}").into())
+    }
+
+    fn node(&self, port: u16) -> TestResult<&Node> {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .ok_or_else(|| format!("no cluster node on :{port}").into())
+    }
+
+    /// Waits until every running node says `cluster_state:ok`, sees no running node as failing
+    /// and reports the same slot map, covering all 16384 slots; returns that map.
+    pub async fn wait_healthy(&self) -> TestResult<SlotMap> {
+        let running = self.running_ports();
+        poll_until(
+            "a healthy cluster on which every node agrees",
+            TOPOLOGY_PATIENCE,
+            || {
+                let running = running.clone();
+                async move { agreed_slot_map(&running).await }
+            },
+        )
+        .await
+    }
+
+    /// `redis://127.0.0.1:<port>` of every running node.
+    pub fn seed_urls(&self) -> Vec<String> {
+        self.running_ports().into_iter().map(redis_url).collect()
+    }
+
+    /// How a running node sees the cluster.
+    pub async fn view(&self) -> TestResult<Vec<ClusterNode>> {
+        let mut last_error = String::from("no node running");
+        for port in self.running_ports() {
+            match cluster_nodes(port).await {
+                Ok(view) => return Ok(view),
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        Err(last_error.into())
+    }
+
+    /// Ports of the primaries that own slots and are not failing, by their first slot.
+    pub async fn primaries(&self) -> TestResult<Vec<u16>> {
+        let mut primaries: Vec<(u16, u16)> = self
+            .view()
+            .await?
+            .iter()
+            .filter(|n| n.is_primary() && !n.is_suspect())
+            .filter_map(|n| Some((n.slots.first()?.0, n.port)))
+            .collect();
+        primaries.sort_unstable();
+        Ok(primaries.into_iter().map(|(_, port)| port).collect())
+    }
+
+    pub async fn owner_of_slot(&self, slot: u16) -> TestResult<u16> {
+        self.view()
+            .await?
+            .iter()
+            .find(|n| n.owns(slot))
+            .map(|n| n.port)
+            .ok_or_else(|| format!("no node owns slot {slot}").into())
+    }
+
+    pub fn slot_of(&self, key: &str) -> u16 {
+        key_slot(key)
+    }
+
+    /// A running, not failing replica of `primary`.
+    pub async fn replica_of(&self, primary: u16) -> TestResult<u16> {
+        let view = self.view().await?;
+        let id = &view
+            .iter()
+            .find(|n| n.port == primary)
+            .ok_or_else(|| format!("no node :{primary} in the view"))?
+            .id;
+        view.iter()
+            .find(|n| n.primary_id.as_ref() == Some(id) && !n.is_suspect())
+            .map(|n| n.port)
+            .ok_or_else(|| format!("no healthy replica of :{primary}").into())
+    }
+
+    /// `n` channel names per slot-owning primary: `(primary, names whose slots it owns)`.
+    pub async fn channels_on_each_shard(&self, n: usize) -> TestResult<Vec<(u16, Vec<String>)>> {
+        let view = self.view().await?;
+        let mut shards = Vec::new();
+        for primary in self.primaries().await? {
+            let node = view
+                .iter()
+                .find(|v| v.port == primary)
+                .ok_or("primary left the view")?;
+            let names: Vec<String> = (0..2_000_000)
+                .map(|i| format!("shard-{primary}-{i}"))
+                .filter(|name| node.owns(key_slot(name)))
+                .take(n)
+                .collect();
+            if names.len() < n {
+                return Err(format!("found only {} channels on :{primary}", names.len()).into());
+            }
+            shards.push((primary, names));
+        }
+        Ok(shards)
+    }
+
+    /// SIGKILLs a node; returns once the process is gone.
+    pub async fn kill_node(&mut self, port: u16) -> TestResult {
+        let owned = self
+            .view()
+            .await?
+            .into_iter()
+            .find(|n| n.port == port && !n.slots.is_empty())
+            .map(|n| n.slots);
+        if let Some(slots) = owned {
+            self.killed_primary_slots.insert(port, slots);
+        }
+        self.node_mut(port)?.kill()
+    }
+
+    /// Starts a killed node again with its own `nodes.conf` (same id) and waits until the
+    /// cluster is healthy with it. A returning old primary rejoins as a replica of its
+    /// successor.
+    pub async fn restart_node(&mut self, port: u16) -> TestResult {
+        let node = self.node_mut(port)?;
+        if node.is_running() {
+            return Err(format!("cluster node :{port} is running").into());
+        }
+        node.spawn().await?;
+        self.wait_healthy().await?;
+        Ok(())
+    }
+
+    /// Restarts every killed node and resumes every frozen one, then waits until healthy:
+    /// what a shared cluster needs before each test, whatever the previous one left behind.
+    pub async fn heal(&mut self) -> TestResult {
+        for node in &mut self.nodes {
+            if node.is_running() {
+                let _ = node.signal("-CONT").await;
+            } else {
+                node.spawn().await?;
+            }
+        }
+        self.killed_primary_slots.clear();
+        self.wait_healthy().await?;
+        self.wait_roles_settled().await
+    }
+
+    /// Waits until every running node (but those added empty) owns slots or is a replica: a
+    /// returning old primary is a slotless master until it learns its successor.
+    async fn wait_roles_settled(&self) -> TestResult {
+        let running = self.running_ports();
+        let added = self.added.clone();
+        poll_until(
+            "every node to be a slot owner or a replica",
+            TOPOLOGY_PATIENCE,
+            || {
+                let (running, added) = (running.clone(), added.clone());
+                async move {
+                    for &port in &running {
+                        let view = cluster_nodes(port).await.map_err(|e| e.to_string())?;
+                        let unsettled = view.iter().find(|n| {
+                            running.contains(&n.port)
+                                && !added.contains(&n.port)
+                                && (n.is_suspect() || (n.is_primary() && n.slots.is_empty()))
+                        });
+                        if let Some(node) = unsettled {
+                            return Err(format!(
+                                ":{port} sees :{} as {:?} with {:?}",
+                                node.port, node.flags, node.slots
+                            ));
+                        }
+                    }
+                    Ok(())
+                }
+            },
+        )
+        .await
+    }
+
+    /// `CLUSTER FAILOVER` on `replica`: a planned failover; returns when it is primary and
+    /// every node agrees.
+    pub async fn failover(&self, replica: u16) -> TestResult {
+        query::<()>(replica, redis::cmd("CLUSTER").arg("FAILOVER")).await?;
+        self.wait_promoted(replica).await
+    }
+
+    /// Waits until `node` answers `ROLE` master and every running node agrees on a healthy
+    /// slot map in which it owns slots.
+    async fn wait_promoted(&self, node: u16) -> TestResult {
+        let running = self.running_ports();
+        poll_until(
+            "the promoted node to own slots everywhere",
+            TOPOLOGY_PATIENCE,
+            || {
+                let running = running.clone();
+                async move {
+                    match role(node).await {
+                        Ok(role) if role == "master" => {}
+                        other => return Err(format!(":{node} ROLE {other:?}")),
+                    }
+                    let map = agreed_slot_map(&running).await?;
+                    if map.iter().any(|&(_, _, owner)| owner == node) {
+                        Ok(())
+                    } else {
+                        Err(format!("slot map {map:?} has no slot on :{node}"))
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    /// After [`TestCluster::kill_node`] of a primary: waits until another node owns its slots,
+    /// with `cluster_state:ok` and agreement on every running node; returns the new primary.
+    pub async fn wait_for_failover_of(&self, dead: u16) -> TestResult<u16> {
+        let slot = self
+            .killed_primary_slots
+            .get(&dead)
+            .and_then(|slots| slots.first())
+            .map(|&(from, _)| from)
+            .ok_or_else(|| format!(":{dead} was not a primary killed with kill_node"))?;
+        let running = self.running_ports();
+        poll_until(
+            "a replica to take over the killed primary's slots",
+            TOPOLOGY_PATIENCE,
+            || {
+                let running = running.clone();
+                async move {
+                    let map = agreed_slot_map(&running).await?;
+                    let owner = map
+                        .iter()
+                        .find(|&&(from, to, _)| (from..=to).contains(&slot))
+                        .map(|&(_, _, owner)| owner)
+                        .ok_or("slot not covered")?;
+                    if owner == dead {
+                        Err(format!("slot {slot} still on :{dead}"))
+                    } else {
+                        Ok(owner)
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    /// Moves `slot`, keys included, to `to` with the real resharding steps: SETSLOT IMPORTING
+    /// on the target, MIGRATING on the source, MIGRATE of its keys in batches, then SETSLOT
+    /// NODE on the target, the source and every other primary. Returns when every node agrees.
+    pub async fn migrate_slot(&self, slot: u16, to: u16) -> TestResult {
+        let view = self.view().await?;
+        let source = view.iter().find(|n| n.owns(slot)).ok_or("slot not owned")?;
+        let target = view
+            .iter()
+            .find(|n| n.port == to)
+            .ok_or("target not in the view")?;
+        if source.port == to {
+            return Ok(());
+        }
+        let setslot = |state: &str, id: &str| {
+            let mut command = redis::cmd("CLUSTER");
+            command.arg("SETSLOT").arg(slot).arg(state).arg(id);
+            command
+        };
+        query::<()>(to, &setslot("IMPORTING", &source.id)).await?;
+        query::<()>(source.port, &setslot("MIGRATING", &target.id)).await?;
+        for _ in 0..10_000 {
+            let keys: Vec<String> = query(
+                source.port,
+                redis::cmd("CLUSTER")
+                    .arg("GETKEYSINSLOT")
+                    .arg(slot)
+                    .arg(100),
+            )
+            .await?;
+            if keys.is_empty() {
+                break;
+            }
+            let mut migrate = redis::cmd("MIGRATE");
+            migrate
+                .arg("127.0.0.1")
+                .arg(to)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys);
+            query::<()>(source.port, &migrate).await?;
+        }
+        query::<()>(to, &setslot("NODE", &target.id)).await?;
+        query::<()>(source.port, &setslot("NODE", &target.id)).await?;
+        for other in view.iter().filter(|n| {
+            n.is_primary()
+                && !n.slots.is_empty()
+                && n.port != to
+                && n.port != source.port
+                && !n.is_suspect()
+        }) {
+            query::<()>(other.port, &setslot("NODE", &target.id)).await?;
+        }
+        let running = self.running_ports();
+        poll_until(
+            "every node to agree on the migrated slot",
+            TOPOLOGY_PATIENCE,
+            || {
+                let running = running.clone();
+                async move {
+                    let map = agreed_slot_map(&running).await?;
+                    match map
+                        .iter()
+                        .find(|&&(from, end, _)| (from..=end).contains(&slot))
+                    {
+                        Some(&(_, _, owner)) if owner == to => Ok(()),
+                        other => Err(format!("slot {slot} at {other:?}")),
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    /// Starts an empty node, joins it with `CLUSTER MEET` and waits until every node knows it;
+    /// returns its port. It owns no slot until one is migrated to it.
+    pub async fn add_primary(&mut self) -> TestResult<u16> {
+        let path = self.dir.0.clone();
+        let node = start_node(&self.dir.0, cluster_port, move |port| {
+            Ok(cluster_node_args(port, &path))
+        })
+        .await?;
+        let port = node.port;
+        self.nodes.push(node);
+        self.added.push(port);
+        let seed = *self.running_ports().first().ok_or("no node running")?;
+        query::<()>(
+            seed,
+            redis::cmd("CLUSTER").arg("MEET").arg("127.0.0.1").arg(port),
+        )
+        .await?;
+        let running = self.running_ports();
+        poll_until(
+            "every node to know the new primary",
+            TOPOLOGY_PATIENCE,
+            || {
+                let running = running.clone();
+                async move {
+                    for member in &running {
+                        let view = cluster_nodes(*member).await.map_err(|e| e.to_string())?;
+                        let known = view
+                            .iter()
+                            .filter(|n| running.contains(&n.port) && !n.is_suspect())
+                            .count();
+                        if known != running.len() {
+                            return Err(format!(
+                                ":{member} knows {known} of {} nodes",
+                                running.len()
+                            ));
+                        }
+                    }
+                    agreed_slot_map(&running).await.map(|_| ())
+                }
+            },
+        )
+        .await?;
+        Ok(port)
+    }
+
+    /// A LOSSY failover: runs `commands` on `primary` after cutting its replica off (see
+    /// [`cut_off_replicas`]), freezes the primary, and has the replica take over with
+    /// `CLUSTER FAILOVER TAKEOVER` (no agreement from the frozen primary needed). The old
+    /// primary, resumed, learns it lost its slots, becomes a replica of the new one and drops
+    /// what only it had. Returns the new primary and the commands' replies once every node
+    /// agrees.
+    pub async fn takeover_losing(
+        &self,
+        primary: u16,
+        commands: &[redis::Cmd],
+    ) -> TestResult<(u16, Vec<redis::Value>)> {
+        let replica = self.replica_of(primary).await?;
+        cut_off_replicas(primary, &[self.node(replica)?]).await?;
+        let written = run_commands(primary, commands).await;
+        self.node(primary)?.signal("-STOP").await?;
+        self.node(replica)?.signal("-CONT").await?;
+        let takeover = query::<()>(
+            replica,
+            redis::cmd("CLUSTER").arg("FAILOVER").arg("TAKEOVER"),
+        )
+        .await;
+        let promoted = match takeover {
+            Ok(()) => {
+                poll_until(
+                    "the replica to take over",
+                    TOPOLOGY_PATIENCE,
+                    || async move {
+                        match role(replica).await {
+                            Ok(role) if role == "master" => Ok(()),
+                            other => Err(format!("{other:?}")),
+                        }
+                    },
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        // Resume the old primary whatever happened, so the cluster can heal.
+        self.node(primary)?.signal("-CONT").await?;
+        promoted?;
+        self.wait_promoted(replica).await?;
+        // The old primary must have resynchronised from the new one before it counts as gone.
+        poll_until(
+            "the old primary to replicate the new one",
+            TOPOLOGY_PATIENCE,
+            || async move {
+                match info_field(primary, "replication", "master_link_status").await {
+                    Ok(status) if status == "up" => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
+        .await?;
+        Ok((replica, written?))
+    }
+
+    /// SIGSTOP or SIGCONT of a node (a frozen node keeps its sockets open).
+    pub async fn signal_node(&self, port: u16, signal: &str) -> TestResult {
+        self.node(port)?.signal(signal).await
+    }
+}
+
+/// The slot map every node in `ports` agrees on, if they all say `cluster_state:ok`, see none
+/// of `ports` as failing and cover all slots; otherwise what is wrong.
+async fn agreed_slot_map(ports: &[u16]) -> Result<SlotMap, String> {
+    let mut agreed: Option<SlotMap> = None;
+    for &port in ports {
+        let state = info_cluster_state(port).await?;
+        if state != "ok" {
+            return Err(format!(":{port} cluster_state:{state}"));
+        }
+        let view = cluster_nodes(port)
+            .await
+            .map_err(|e| format!(":{port}: {e}"))?;
+        if let Some(suspect) = view
+            .iter()
+            .find(|n| ports.contains(&n.port) && n.is_suspect())
+        {
+            return Err(format!(
+                ":{port} sees :{} as {:?}",
+                suspect.port, suspect.flags
+            ));
+        }
+        let map = slot_map(&view);
+        let covered: u32 = map
+            .iter()
+            .map(|&(from, to, _)| u32::from(to - from) + 1)
+            .sum();
+        if covered != u32::from(SLOTS) {
+            return Err(format!(":{port} covers {covered} slots"));
+        }
+        match &agreed {
+            Some(first) if *first != map => {
+                return Err(format!("nodes disagree: {first:?} vs :{port} {map:?}"))
+            }
+            _ => agreed = Some(map),
+        }
+    }
+    agreed.ok_or_else(|| "no node running".to_string())
+}
+
+async fn info_cluster_state(port: u16) -> Result<String, String> {
+    let text: String = query(port, redis::cmd("CLUSTER").arg("INFO"))
+        .await
+        .map_err(|e| format!(":{port}: {e}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("cluster_state:"))
+        .map(|s| s.trim().to_string())
+        .ok_or_else(|| format!(":{port} CLUSTER INFO without cluster_state"))
+}
+
+fn cluster_node_args(port: u16, dir: &Path) -> Vec<String> {
+    let mut args = data_node_args(port, dir);
+    args.extend(["--cluster-enabled", "yes", "--cluster-config-file"].map(String::from));
+    args.push(dir.join(format!("nodes-{port}.conf")).display().to_string());
+    args.extend([
+        "--cluster-node-timeout".to_string(),
+        NODE_TIMEOUT_MS.to_string(),
+    ]);
+    args
 }
