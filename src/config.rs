@@ -1156,12 +1156,12 @@ fn url_database(url: &str) -> u32 {
 
 /// The `[user:password@]host:port[/db]` part of a `redis://` or `rediss://` URL.
 fn check_redis_authority(rest: &str) -> Result<(), String> {
-    // The query (`?protocol=resp3`) and the fragment (`#insecure`) are the client's to check.
-    let rest = rest.split(['?', '#']).next().unwrap_or(rest);
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let host_port = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
+    // The userinfo ends at the last `@`, as for `redact_url`: a password with `/`, `?` or `#`
+    // must not be taken for the port. The query (`?protocol=resp3`) and the fragment
+    // (`#insecure`) are the client's to check.
+    let address = rest.rsplit_once('@').map_or(rest, |(_, address)| address);
+    let address = address.split(['?', '#']).next().unwrap_or(address);
+    let (host_port, path) = address.split_at(address.find('/').unwrap_or(address.len()));
     // A bracketed IPv6 host may contain colons; the port follows the closing bracket.
     let port_separator = match host_port.rfind(']') {
         Some(bracket) => host_port[bracket..].find(':').map(|i| bracket + i),
@@ -1455,10 +1455,12 @@ mod tests {
             ("redis://h:1/abc", "database `abc`"),
             ("rediss://:secret@h:port", "port `port`"),
             ("rediss://h:1#secure", "#insecure"),
+            ("redis://u:x9?y9@h:1", "not a valid Redis URL"),
         ] {
             let message = check_redis_url(url).err().unwrap_or_default();
             assert!(message.contains(words), "{url}: {message}");
             assert!(!message.contains("secret"), "{message}");
+            assert!(!message.contains("x9"), "{message}");
         }
         for url in [
             "redis://h:1/0",
