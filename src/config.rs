@@ -311,9 +311,10 @@ pub struct AdminSettings {
 pub struct RedisSettings {
     /// How Redis is deployed: one server, a Sentinel-managed primary, or a Cluster.
     pub mode: RedisMode,
-    /// `redis://[user:password@]host:port[/db]` or `unix:///path/to/redis.sock`. With
-    /// `mode = "sentinel"` it says how to reach the primary (scheme, credentials, database);
-    /// its host and port are replaced by the address the sentinels report.
+    /// `redis://[user:password@]host:port[/db]`, `rediss://...` for TLS, or
+    /// `unix:///path/to/redis.sock`. With `mode = "sentinel"` it says how to reach the primary
+    /// (scheme, credentials, database); its host and port are replaced by the address the
+    /// sentinels report.
     pub url: String,
     /// `mode = "cluster"`: seed nodes. `mode = "sentinel"`: the sentinels. Unused standalone.
     pub nodes: Vec<String>,
@@ -332,6 +333,13 @@ pub struct RedisSettings {
     /// Seconds a new stream waits for its channels' subscriptions (e.g. while Redis is down)
     /// before it is answered `503`.
     pub subscribe_timeout_secs: u64,
+    /// PEM CA bundle trusted for `rediss://` connections instead of the system's roots.
+    /// Empty = the system's roots.
+    pub tls_ca_file: PathBuf,
+    /// PEM client certificate (chain) for mutual TLS, with `tls_key_file`. Empty = none.
+    pub tls_cert_file: PathBuf,
+    /// PEM private key of `tls_cert_file`. Empty = none.
+    pub tls_key_file: PathBuf,
 }
 
 /// How Redis is deployed (`redis.mode`).
@@ -346,6 +354,130 @@ pub enum RedisMode {
     /// A primary found through the sentinels `redis.nodes` under `redis.master_name`; the
     /// gateway follows its failovers.
     Sentinel,
+}
+
+impl RedisSettings {
+    /// The CA and client certificate for `rediss://` connections, read from the `tls_*` files
+    /// and checked the way a connection will use them; `None` when no file is set. Errors name
+    /// the key at fault.
+    pub fn tls_certificates(&self) -> Result<Option<redis::TlsCertificates>, ConfigError> {
+        if self.tls_keys_set().is_empty() {
+            return Ok(None);
+        }
+        let root_cert = match is_set(&self.tls_ca_file) {
+            Some(path) => Some(read_file("redis.tls_ca_file", path)?),
+            None => None,
+        };
+        let roots = match &root_cert {
+            Some(pem) => trust_anchors(pem)?,
+            None => rustls::RootCertStore::empty(),
+        };
+        let client_tls = match (is_set(&self.tls_cert_file), is_set(&self.tls_key_file)) {
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "redis.tls_key_file",
+                    "must be set with redis.tls_cert_file (the client certificate's key)"
+                        .to_string(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "redis.tls_cert_file",
+                    "must be set with redis.tls_key_file (the key's certificate)".to_string(),
+                ))
+            }
+            (Some(cert), Some(key)) => {
+                let client = redis::ClientTlsConfig {
+                    client_cert: read_file("redis.tls_cert_file", cert)?,
+                    client_key: read_file("redis.tls_key_file", key)?,
+                };
+                check_client_identity(&client, roots)?;
+                Some(client)
+            }
+        };
+        Ok(Some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }))
+    }
+
+    /// The `tls_*` keys that are set, in the order they are documented.
+    fn tls_keys_set(&self) -> Vec<&'static str> {
+        [
+            ("redis.tls_ca_file", &self.tls_ca_file),
+            ("redis.tls_cert_file", &self.tls_cert_file),
+            ("redis.tls_key_file", &self.tls_key_file),
+        ]
+        .into_iter()
+        .filter(|(_, path)| is_set(path).is_some())
+        .map(|(key, _)| key)
+        .collect()
+    }
+}
+
+/// `path` unless it is empty (an empty value means "unset", also from the environment).
+fn is_set(path: &Path) -> Option<&Path> {
+    (!path.as_os_str().is_empty()).then_some(path)
+}
+
+fn read_file(key: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))
+}
+
+/// The CA certificates of `redis.tls_ca_file`, as the trust store rustls will build from them.
+fn trust_anchors(pem: &[u8]) -> Result<rustls::RootCertStore, ConfigError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let key = "redis.tls_ca_file";
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| invalid(key, format!("not a PEM certificate bundle: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| invalid(key, format!("a certificate cannot be trusted: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(invalid(key, "holds no PEM certificate".to_string()));
+    }
+    Ok(roots)
+}
+
+/// Checks that the client certificate and key parse and belong together, by building the
+/// rustls client configuration a connection will use.
+fn check_client_identity(
+    client: &redis::ClientTlsConfig,
+    roots: rustls::RootCertStore,
+) -> Result<(), ConfigError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(&client.client_cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid("redis.tls_cert_file", format!("not a PEM certificate: {e}")))?;
+    if chain.is_empty() {
+        return Err(invalid(
+            "redis.tls_cert_file",
+            "holds no PEM certificate".to_string(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&client.client_key)
+        .map_err(|e| invalid("redis.tls_key_file", format!("not a PEM private key: {e}")))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("redis.tls_cert_file", e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map(drop)
+        .map_err(|e| {
+            invalid(
+                "redis.tls_key_file",
+                format!("does not fit redis.tls_cert_file: {e}"),
+            )
+        })
+}
+
+/// Whether a Redis URL asks for TLS.
+pub fn is_tls_url(url: &str) -> bool {
+    matches!(url.split_once("://"), Some(("rediss" | "valkeys", _)))
 }
 
 /// `[sse]`
@@ -504,6 +636,9 @@ impl Default for RedisSettings {
             reconnect_initial_ms: 100,
             reconnect_max_ms: 5000,
             subscribe_timeout_secs: 10,
+            tls_ca_file: PathBuf::new(),
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
         }
     }
 }
@@ -604,6 +739,7 @@ impl Settings {
             Pattern::parse(pattern).map_err(|message| invalid("channels.public", message))?;
         }
         self.validate_redis_topology()?;
+        self.validate_redis_tls()?;
         if self.server.worker_threads > MAX_WORKER_THREADS {
             return Err(invalid(
                 "server.worker_threads",
@@ -712,6 +848,26 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// The `redis.tls_*` files: read and parsed now, so that a bad one stops the start with its
+    /// key named rather than failing every connection later, and refused when no `rediss://`
+    /// URL would use them (the operator believes the link is encrypted and it is not).
+    fn validate_redis_tls(&self) -> Result<(), ConfigError> {
+        let redis = &self.redis;
+        let Some(key) = redis.tls_keys_set().first().copied() else {
+            return Ok(());
+        };
+        let mut urls = std::iter::once(&redis.url).chain(&redis.nodes);
+        if !urls.any(|url| is_tls_url(url)) {
+            return Err(invalid(
+                key,
+                "is set but no Redis URL uses TLS; write rediss:// in redis.url (or in \
+                 redis.nodes for TLS to the sentinels), or remove the key"
+                    .to_string(),
+            ));
+        }
+        redis.tls_certificates().map(drop)
     }
 
     /// Every duration at most a year: beyond that a value is a typo, and adding it to the clock
@@ -857,6 +1013,18 @@ impl Settings {
                 self.admin.listen
             ));
         }
+        let urls = std::iter::once(("redis.url", &self.redis.url))
+            .chain(self.redis.nodes.iter().map(|node| ("redis.nodes", node)));
+        for (key, url) in urls {
+            if is_tls_url(url) && url.ends_with("#insecure") {
+                warnings.push(format!(
+                    "{key}: `{}` ends with #insecure: the Redis server's certificate is not \
+                     verified (nor redis.tls_ca_file used), so anyone on the path can read the \
+                     traffic and the password; use redis.tls_ca_file instead",
+                    redact_url(url)
+                ));
+            }
+        }
         if self.channels.public.iter().any(|p| p == "*") {
             warnings.push(
                 "channels.public contains \"*\": every channel is readable without a token \
@@ -945,20 +1113,13 @@ fn name_the_variable(error: config::ConfigError, env: &config::Map<String, Strin
 /// Checks a Redis URL the way the Redis client will read it, and says in words what is wrong
 /// (the client itself only says that the URL "did not parse"). Passwords are never echoed.
 pub fn check_redis_url(url: &str) -> Result<(), String> {
-    const EXPECTED: &str = "expected redis://[user:password@]host:port[/db]";
+    const EXPECTED: &str = "expected redis://[user:password@]host:port[/db] (rediss:// for TLS)";
     let Some((scheme, rest)) = url.split_once("://") else {
         return Err(format!("`{}` is not a URL; {EXPECTED}", redact_url(url)));
     };
     match scheme {
-        "redis" | "valkey" => check_redis_authority(rest)?,
+        "redis" | "valkey" | "rediss" | "valkeys" => check_redis_authority(rest)?,
         "unix" | "redis+unix" | "valkey+unix" => {}
-        "rediss" | "valkeys" => {
-            return Err(
-                "TLS to Redis (rediss://) is not supported by this build; use redis:// on a \
-                 private network"
-                    .to_string(),
-            )
-        }
         other => {
             return Err(format!(
                 "the scheme `{other}://` is not supported; {EXPECTED}"
@@ -993,12 +1154,14 @@ fn url_database(url: &str) -> u32 {
         .unwrap_or(0)
 }
 
-/// The `[user:password@]host:port[/db]` part of a `redis://` URL.
+/// The `[user:password@]host:port[/db]` part of a `redis://` or `rediss://` URL.
 fn check_redis_authority(rest: &str) -> Result<(), String> {
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let host_port = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
+    // The userinfo ends at the last `@`, as for `redact_url`: a password with `/`, `?` or `#`
+    // must not be taken for the port. The query (`?protocol=resp3`) and the fragment
+    // (`#insecure`) are the client's to check.
+    let address = rest.rsplit_once('@').map_or(rest, |(_, address)| address);
+    let address = address.split(['?', '#']).next().unwrap_or(address);
+    let (host_port, path) = address.split_at(address.find('/').unwrap_or(address.len()));
     // A bracketed IPv6 host may contain colons; the port follows the closing bracket.
     let port_separator = match host_port.rfind(']') {
         Some(bracket) => host_port[bracket..].find(':').map(|i| bracket + i),
@@ -1023,18 +1186,33 @@ fn check_redis_authority(rest: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `url` with any password replaced by `***`, for logging.
+/// `url` with any password replaced by `***`, for logging: the userinfo's, and a Unix socket
+/// URL's `pass=` query value.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
+    // The userinfo ends at the last `@`: a password with an unencoded `/`, `?` or `#` must not
+    // end it early and be printed as the host or the path.
+    let rest = match rest.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split_once(':').map_or("", |(user, _)| user);
-            format!("{scheme}://{user}:***@{host}{path}")
+            format!("{user}:***@{host}")
         }
-        None => url.to_string(),
+        None => rest.to_string(),
+    };
+    match rest.split_once('?') {
+        Some((before, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key @ ("pass" | "password"), _)) => format!("{key}=***"),
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{scheme}://{before}?{}", query.join("&"))
+        }
+        None => format!("{scheme}://{rest}"),
     }
 }
 
@@ -1166,6 +1344,25 @@ mod tests {
         );
         assert_eq!(redact_url("rediss://me:p@ss@host"), "rediss://me:***@host");
         assert!(!redact_url("redis://u:hunter2@h").contains("hunter2"));
+        assert_eq!(
+            redact_url("rediss://:s3cret@host:1/0#insecure"),
+            "rediss://:***@host:1/0#insecure"
+        );
+        for leaky in [
+            "redis://:x9/y9@h:1",
+            "redis://:x9?y9@h:1",
+            "redis://:x9#y9@h:1",
+            "unix:///r.sock?db=1&pass=x9y9",
+            "unix:///r.sock?password=x9y9",
+        ] {
+            let redacted = redact_url(leaky);
+            assert!(!redacted.contains("x9"), "{leaky}: {redacted}");
+            assert!(!redacted.contains("y9"), "{leaky}: {redacted}");
+        }
+        assert_eq!(
+            redact_url("unix:///r.sock?db=1&pass=x"),
+            "unix:///r.sock?db=1&pass=***"
+        );
     }
 
     #[test]
@@ -1256,20 +1453,175 @@ mod tests {
             ("redis://h:notaport", "port `notaport`"),
             ("redis://h:99999", "port `99999`"),
             ("redis://h:1/abc", "database `abc`"),
-            ("rediss://h:1", "TLS"),
+            ("rediss://:secret@h:port", "port `port`"),
+            ("rediss://h:1#secure", "#insecure"),
+            ("redis://u:x9?y9@h:1", "not a valid Redis URL"),
         ] {
             let message = check_redis_url(url).err().unwrap_or_default();
             assert!(message.contains(words), "{url}: {message}");
             assert!(!message.contains("secret"), "{message}");
+            assert!(!message.contains("x9"), "{message}");
         }
         for url in [
             "redis://h:1/0",
             "redis://u:p@[::1]:6379",
             "redis://h",
             "unix:///r.sock",
+            "rediss://:p@h:6380/1",
+            "rediss://h:1/#insecure",
+            "rediss://h:1#insecure",
+            "valkeys://h",
+            "redis://h:1/0?protocol=resp3",
         ] {
             assert_eq!(check_redis_url(url), Ok(()), "{url}");
         }
+    }
+
+    /// PEM files for `redis.tls_*`: a CA, a client certificate it signed with its key, and a
+    /// key of nothing. Removed on drop.
+    struct TlsFiles {
+        dir: PathBuf,
+        ca: String,
+        cert: String,
+        key: String,
+        stray_key: String,
+    }
+
+    impl TlsFiles {
+        fn generate() -> TlsFiles {
+            let dir = std::env::temp_dir().join(format!("ssehub-tls-{}", rand::random::<u64>()));
+            std::fs::create_dir_all(&dir).expect("scratch directory");
+            let write = |name: &str, pem: String| {
+                let path = dir.join(name);
+                std::fs::write(&path, pem).expect("PEM file");
+                path.display().to_string()
+            };
+            let mut ca = rcgen::CertificateParams::new(Vec::new()).expect("CA params");
+            ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let ca_key = rcgen::KeyPair::generate().expect("CA key");
+            let ca = rcgen::CertifiedIssuer::self_signed(ca, ca_key).expect("CA");
+            let key = rcgen::KeyPair::generate().expect("client key");
+            let cert = rcgen::CertificateParams::new(vec!["client".to_string()])
+                .and_then(|params| params.signed_by(&key, &ca))
+                .expect("client certificate");
+            let stray_key = rcgen::KeyPair::generate().expect("stray key");
+            TlsFiles {
+                ca: write("ca.pem", ca.pem()),
+                cert: write("cert.pem", cert.pem()),
+                key: write("key.pem", key.serialize_pem()),
+                stray_key: write("stray-key.pem", stray_key.serialize_pem()),
+                dir,
+            }
+        }
+    }
+
+    impl Drop for TlsFiles {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    const TLS_URL: (&str, &str) = ("SSEHUB__REDIS__URL", "rediss://:pw@127.0.0.1:6380");
+
+    #[test]
+    fn redis_tls_files_are_read_with_a_rediss_url() {
+        let files = TlsFiles::generate();
+        let env = [
+            TLS_URL,
+            ("SSEHUB__REDIS__TLS_CA_FILE", files.ca.as_str()),
+            ("SSEHUB__REDIS__TLS_CERT_FILE", files.cert.as_str()),
+            ("SSEHUB__REDIS__TLS_KEY_FILE", files.key.as_str()),
+        ];
+        let settings = load("", &env).expect("valid TLS settings");
+        let tls = settings.redis.tls_certificates().expect("readable files");
+        let tls = tls.expect("TLS material");
+        assert!(tls.root_cert.is_some() && tls.client_tls.is_some());
+        // The sentinels' URLs count: TLS to the sentinels, plain to the primary.
+        let sentinels = format!(
+            "[redis]\nmode = \"sentinel\"\nmaster_name = \"m\"\n\
+             nodes = [\"rediss://127.0.0.1:26379\"]\ntls_ca_file = \"{}\"\n",
+            files.ca
+        );
+        assert!(load(&sentinels, &[]).is_ok());
+        // Empty values are unset, also from the environment.
+        let empty = [
+            ("SSEHUB__REDIS__TLS_CA_FILE", ""),
+            ("SSEHUB__REDIS__TLS_CERT_FILE", ""),
+        ];
+        let plain = load("", &empty).expect("empty TLS keys are unset");
+        assert!(matches!(plain.redis.tls_certificates(), Ok(None)));
+        // System roots: a rediss:// URL needs no file.
+        assert!(load("", &[TLS_URL]).is_ok());
+    }
+
+    #[test]
+    fn redis_tls_problems_name_their_key() {
+        let files = TlsFiles::generate();
+        let missing = files.dir.join("missing.pem").display().to_string();
+        /// Environment, words the error must contain.
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: [Case; 7] = [
+            (
+                &[TLS_URL, ("SSEHUB__REDIS__TLS_CA_FILE", &missing)],
+                &["redis.tls_ca_file", "cannot read"],
+            ),
+            (
+                &[TLS_URL, ("SSEHUB__REDIS__TLS_CA_FILE", &files.key)],
+                &["redis.tls_ca_file", "no PEM certificate"],
+            ),
+            (
+                &[TLS_URL, ("SSEHUB__REDIS__TLS_CERT_FILE", &files.cert)],
+                &["redis.tls_key_file", "redis.tls_cert_file"],
+            ),
+            (
+                &[TLS_URL, ("SSEHUB__REDIS__TLS_KEY_FILE", &files.key)],
+                &["redis.tls_cert_file", "redis.tls_key_file"],
+            ),
+            (
+                &[
+                    TLS_URL,
+                    ("SSEHUB__REDIS__TLS_CERT_FILE", &files.cert),
+                    ("SSEHUB__REDIS__TLS_KEY_FILE", &files.stray_key),
+                ],
+                &["redis.tls_key_file", "does not fit"],
+            ),
+            (
+                &[("SSEHUB__REDIS__TLS_CA_FILE", &files.ca)],
+                &["redis.tls_ca_file", "rediss://"],
+            ),
+            (
+                &[
+                    ("SSEHUB__REDIS__URL", "redis://:pw@127.0.0.1:6379"),
+                    ("SSEHUB__REDIS__TLS_CERT_FILE", &files.cert),
+                    ("SSEHUB__REDIS__TLS_KEY_FILE", &files.key),
+                ],
+                &["redis.tls_cert_file", "rediss://"],
+            ),
+        ];
+        for (env, words) in cases {
+            let err = error_of("", env);
+            for word in words {
+                assert!(err.contains(word), "{env:?}: {err}");
+            }
+            assert!(!err.contains("pw"), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_insecure_rediss_url_is_accepted_with_a_warning() {
+        let env = [(
+            "SSEHUB__REDIS__URL",
+            "rediss://:pw@127.0.0.1:6380/#insecure",
+        )];
+        let settings = load("", &env).expect("#insecure is the client's to allow");
+        let warnings = settings.warnings();
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.starts_with("redis.url:") && w.contains("not verified")),
+            "{warnings:?}"
+        );
+        assert!(warnings.iter().all(|w| !w.contains("pw")), "{warnings:?}");
     }
 
     #[test]

@@ -1,22 +1,41 @@
-//! How the gateway opens a connection to one Redis node: the scheme, credentials and database
-//! of a configured URL, applied to whichever address the topology names (the primary the
-//! sentinels report, a cluster node the slot map names).
+//! How the gateway opens a connection to one Redis node: the scheme, credentials, database and
+//! TLS material of a configured URL, applied to whichever address the topology names (the
+//! primary the sentinels report, a cluster node the slot map names).
+//!
+//! Every Redis client of the gateway is made here, so that `redis.tls_*` applies to every
+//! connection (subscription, history, publisher, sentinels).
 
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 
 /// Makes `redis::Client`s for the nodes of one deployment.
 #[derive(Clone, Debug)]
 pub struct NodeConnector {
-    /// The configured URL, parsed: its address is replaced per node.
+    /// The configured URL, parsed, with the TLS material attached when it is `rediss://`: its
+    /// address is replaced per node.
     template: ConnectionInfo,
 }
 
 impl NodeConnector {
-    /// A connector speaking to nodes the way `url` says (scheme, credentials, database).
-    pub fn new(url: &str) -> Result<NodeConnector, String> {
-        let template = url
+    /// A connector speaking to nodes the way `url` says (scheme, credentials, database), with
+    /// `tls` (CA, client certificate) applied when `url` is `rediss://`.
+    pub fn new(url: &str, tls: Option<&redis::TlsCertificates>) -> Result<NodeConnector, String> {
+        let info = url
             .into_connection_info()
             .map_err(|e| format!("not a valid Redis URL: {e}"))?;
+        let template = match (info.addr(), tls) {
+            (ConnectionAddr::TcpTls { .. }, tls) => {
+                install_crypto_provider();
+                match tls {
+                    // Parsed once here; `client_at` copies the parsed material.
+                    Some(tls) => redis::Client::build_with_tls(info, tls.clone())
+                        .map_err(|e| format!("TLS settings: {e}"))?
+                        .get_connection_info()
+                        .clone(),
+                    None => info,
+                }
+            }
+            _ => info,
+        };
         Ok(NodeConnector { template })
     }
 
@@ -35,18 +54,30 @@ impl NodeConnector {
         }
     }
 
-    /// A client for the node at `host:port`, reached like the URL's own node (TLS if the URL
-    /// is `rediss://`).
+    /// A client for the node at `host:port`, reached like the URL's own node (TLS, with the
+    /// same CA and client certificate, if the URL is `rediss://`).
     pub fn client_at(&self, host: &str, port: u16) -> Result<redis::Client, String> {
         let addr = match self.template.addr() {
-            ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
+            ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => ConnectionAddr::TcpTls {
                 host: host.to_string(),
                 port,
                 insecure: *insecure,
-                tls_params: None,
+                tls_params: tls_params.clone(),
             },
             _ => ConnectionAddr::Tcp(host.to_string(), port),
         };
         redis::Client::open(self.template.clone().set_addr(addr)).map_err(|e| e.to_string())
     }
+}
+
+/// Makes ring, the provider the gateway's own HTTPS uses, the process-wide rustls default:
+/// the redis crate builds its TLS configuration from that default, and would fail (or pick
+/// another provider compiled in by some other crate) without it.
+fn install_crypto_provider() {
+    // An error means a default is installed already, which is all we need.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }

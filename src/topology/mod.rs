@@ -8,6 +8,10 @@
 //!   [`sentinel`] listens for `+switch-master`, and [`Topology::changes`] tells the upstream and
 //!   the publisher to move at once instead of when their old connection times out.
 //!
+//! Every client is made by a [`NodeConnector`], so `rediss://` and the `redis.tls_*` files
+//! apply to every connection, the sentinels' included (a sentinel's own URL decides whether
+//! it is reached over TLS).
+//!
 //! The redis crate's own Sentinel client resolves the primary once and does not follow a
 //! failover (redis-rs#1438), which is why following it is done here.
 
@@ -52,13 +56,15 @@ pub struct Topology {
 impl Topology {
     /// The topology `settings` describe. Nothing is connected yet.
     pub fn new(settings: &RedisSettings) -> Result<Arc<Topology>, String> {
-        let connector = NodeConnector::new(&settings.url)?;
+        let tls = settings.tls_certificates().map_err(|e| e.to_string())?;
+        let connector = NodeConnector::new(&settings.url, tls.as_ref())?;
         let sentinels = match settings.mode {
             RedisMode::Standalone => None,
             RedisMode::Sentinel => Some(Sentinels::new(
                 &settings.nodes,
                 &settings.master_name,
                 &connector,
+                tls.as_ref(),
             )?),
             RedisMode::Cluster => {
                 return Err("redis.mode = \"cluster\" is not available in this build yet".into())

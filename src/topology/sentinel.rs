@@ -28,11 +28,13 @@ impl Sentinels {
         urls: &[String],
         master_name: &str,
         primary: &NodeConnector,
+        tls: Option<&redis::TlsCertificates>,
     ) -> Result<Sentinels, String> {
         let nodes = urls
             .iter()
             .map(|url| {
-                let client = redis::Client::open(url.as_str())
+                let client = NodeConnector::new(url, tls)
+                    .and_then(|sentinel| sentinel.client())
                     .map_err(|e| format!("{}: {e}", redact_url(url)))?;
                 Ok((redact_url(url), client))
             })

@@ -21,6 +21,7 @@ pub mod balancer;
 pub mod lean;
 pub mod publisher;
 pub mod topology;
+pub mod tls_redis;
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -796,6 +797,22 @@ impl GatewayProcess {
         env: &[(&str, &str)],
         descriptor_limit: Option<u32>,
     ) -> TestResult<GatewayProcess> {
+        let process = Self::launch(&redis.url(), env, descriptor_limit)?;
+        let admin = process.admin;
+        eventually("the gateway binary is ready", || async move {
+            matches!(get(admin, "/readyz", &[]).await, Ok((200, _)))
+        })
+        .await?;
+        Ok(process)
+    }
+
+    /// Starts the binary against the Redis at `redis_url` with `env`, without waiting for it
+    /// to be ready (or even to start: it may refuse its configuration).
+    pub fn launch(
+        redis_url: &str,
+        env: &[(&str, &str)],
+        descriptor_limit: Option<u32>,
+    ) -> TestResult<GatewayProcess> {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let log = std::env::temp_dir().join(format!("ssehub-test-{}.log", admin.port()));
@@ -819,7 +836,7 @@ impl GatewayProcess {
             .arg("--config")
             .arg(&config)
             .env_clear()
-            .env("SSEHUB__REDIS__URL", redis.url())
+            .env("SSEHUB__REDIS__URL", redis_url)
             .env("SSEHUB__SERVER__LISTEN", addr.to_string())
             .env("SSEHUB__ADMIN__LISTEN", admin.to_string())
             .env("SSEHUB__CHANNELS__PUBLIC", "*")
@@ -833,18 +850,13 @@ impl GatewayProcess {
             .stderr(log_file)
             .kill_on_drop(true)
             .spawn()?;
-        let process = GatewayProcess {
+        Ok(GatewayProcess {
             addr,
             admin,
             child,
             log,
             config,
-        };
-        eventually("the gateway binary is ready", || async move {
-            matches!(get(admin, "/readyz", &[]).await, Ok((200, _)))
         })
-        .await?;
-        Ok(process)
     }
 
     /// Opens `/events?<query>` from a chosen loopback address and expects a `200` stream.
