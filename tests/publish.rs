@@ -1,5 +1,5 @@
 //! `POST /publish` against a real redis-server and real gateways: every refusal with its status
-//! and JSON error, delivery to `/events` subscribers (memory backend), events stored with their
+//! and JSON error (the publish-only ones byte for byte), delivery to `/events` subscribers (memory backend), events stored with their
 //! ids in Redis (redis backend), idempotency on the same and on another instance, the library
 //! reloaded after `FUNCTION FLUSH`, `503` while Redis is down, and `ssehub token --publish`.
 
@@ -34,6 +34,17 @@ fn publisher_token(patterns: &[&str]) -> TestResult<String> {
         None,
         Duration::from_secs(600),
     )?)
+}
+
+/// A memory-backend gateway that takes payloads of up to `max_payload_bytes`, its Redis (keep
+/// it for as long as the gateway) and a token that may publish to `orders:*`.
+async fn limited_gateway(max_payload_bytes: usize) -> TestResult<(TestRedis, TestGateway, String)> {
+    let redis = TestRedis::start().await?;
+    let mut settings = publish_settings(&redis, HistoryBackend::Memory);
+    settings.limits.max_payload_bytes = max_payload_bytes;
+    let gateway = TestGateway::start_ready(settings).await?;
+    let token = publisher_token(&["orders:*"])?;
+    Ok((redis, gateway, token))
 }
 
 /// An answer of `/publish`.
@@ -100,12 +111,8 @@ async fn publish(
 
 #[tokio::test]
 async fn every_refusal_has_its_status_and_a_json_error() -> TestResult {
-    let redis = TestRedis::start().await?;
-    let mut settings = publish_settings(&redis, HistoryBackend::Memory);
-    settings.limits.max_payload_bytes = 1024;
-    let gateway = TestGateway::start_ready(settings).await?;
+    let (_redis, gateway, token) = limited_gateway(1024).await?;
     let addr = gateway.addr;
-    let token = publisher_token(&["orders:*"])?;
     let bearer = format!("Bearer {token}");
     let auth = [("authorization", bearer.as_str())];
     let reader = ssehub::auth::mint_token(
@@ -233,13 +240,68 @@ async fn every_refusal_has_its_status_and_a_json_error() -> TestResult {
 }
 
 #[tokio::test]
+async fn refusals_only_publish_makes_have_exact_bodies_and_headers() -> TestResult {
+    let (_redis, gateway, token) = limited_gateway(4).await?;
+    let bearer = format!("Bearer {token}");
+    let auth = [("authorization", bearer.as_str())];
+    /// Method, body, expected status, `Allow`, exact JSON body.
+    type Case = (&'static str, Bytes, u16, Option<&'static str>, &'static str);
+    let cases: [Case; 3] = [
+        (
+            "DELETE",
+            Bytes::new(),
+            405,
+            Some("POST"),
+            r#"{"error":"method not allowed"}"#,
+        ),
+        (
+            "POST",
+            Bytes::from_static(b"12345"),
+            413,
+            None,
+            r#"{"error":"the payload is larger than 4 bytes (limits.max_payload_bytes)"}"#,
+        ),
+        (
+            "POST",
+            Bytes::from_static(b"\xff"),
+            422,
+            None,
+            r#"{"error":"the payload is not UTF-8"}"#,
+        ),
+    ];
+    for (method, body, status, allow, expected) in cases {
+        let response = send_body(
+            gateway.addr,
+            method,
+            "/publish?channel=orders:1",
+            &auth,
+            body,
+        )
+        .await?;
+        let headers = response.headers().clone();
+        assert_eq!(response.status().as_u16(), status, "{method}: {headers:?}");
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(
+            headers.get("allow").map(|v| v.as_bytes()),
+            allow.map(str::as_bytes)
+        );
+        assert!(headers.get("retry-after").is_none(), "{headers:?}");
+        let body = tokio::time::timeout(PATIENCE, response.into_body().collect())
+            .await??
+            .to_bytes();
+        assert_eq!(
+            String::from_utf8_lossy(&body),
+            expected,
+            "{method} answered {status}"
+        );
+    }
+    gateway.stop().await
+}
+
+#[tokio::test]
 async fn a_body_larger_than_the_limit_is_refused_without_a_content_length() -> TestResult {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let redis = TestRedis::start().await?;
-    let mut settings = publish_settings(&redis, HistoryBackend::Memory);
-    settings.limits.max_payload_bytes = 1024;
-    let gateway = TestGateway::start_ready(settings).await?;
-    let token = publisher_token(&["orders:*"])?;
+    let (_redis, gateway, token) = limited_gateway(1024).await?;
     // Chunked: the size is only known by reading, which stops at the limit.
     let mut stream = tokio::net::TcpStream::connect(gateway.addr).await?;
     let head = format!(

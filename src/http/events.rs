@@ -9,7 +9,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 
 use super::stream::{EventStream, StreamStart};
 use super::{ApiError, ResponseBody};
-use crate::auth::{Authorizer, Denied};
+use crate::auth::Authorizer;
 use crate::channels;
 use crate::config::Settings;
 use crate::functions;
@@ -59,13 +59,11 @@ impl EventsEndpoint {
             self.settings.channels.max_per_connection,
         )
         .map_err(ApiError::BadRequest)?;
-        let access = self
-            .authorizer
-            .authorize(request.headers(), query.token.as_deref(), &query.channels)
-            .map_err(|denied| match denied {
-                Denied::Unauthenticated(message) => ApiError::Unauthorized(message),
-                Denied::Forbidden(message) => ApiError::Forbidden(message),
-            })?;
+        let access = self.authorizer.authorize(
+            request.headers(),
+            query.token.as_deref(),
+            &query.channels,
+        )?;
         let peer = request.extensions().get::<super::Peer>();
         let connection = peer.and_then(|p| p.activity.clone());
         let peer = peer.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |p| p.addr.ip());

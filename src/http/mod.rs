@@ -33,6 +33,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Denied;
+
 pub(crate) use admin::AdminEndpoint;
 pub(crate) use admission::Admission;
 pub(crate) use cors::Cors;
@@ -65,9 +67,12 @@ pub(crate) enum ApiError {
     /// No such endpoint: `404`.
     #[error("not found")]
     NotFound,
-    /// Wrong method: `405`.
+    /// Wrong method on a `GET` endpoint: `405` with `Allow: GET`.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// Wrong method on `POST /publish`: `405` with `Allow: POST`.
+    #[error("method not allowed")]
+    MethodNotAllowedUsePost,
     /// Temporarily unable to serve (upstream down): `503` with `Retry-After`.
     #[error("{0}")]
     Unavailable(String),
@@ -80,6 +85,22 @@ pub(crate) enum ApiError {
     /// The request head is larger than `limits.max_header_bytes`: `431`.
     #[error("the request head is too large (limits.max_header_bytes)")]
     HeaderTooLarge,
+    /// The request body is larger than a payload limit: `413`.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// The request body is not UTF-8 (an SSE `data:` field must be text): `422`.
+    #[error("the payload is not UTF-8")]
+    NotUtf8,
+}
+
+/// A token that was refused answers `401` (none or invalid) or `403` (no grant) on every endpoint.
+impl From<Denied> for ApiError {
+    fn from(denied: Denied) -> ApiError {
+        match denied {
+            Denied::Unauthenticated(message) => ApiError::Unauthorized(message),
+            Denied::Forbidden(message) => ApiError::Forbidden(message),
+        }
+    }
 }
 
 impl ApiError {
@@ -89,10 +110,14 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed | ApiError::MethodNotAllowedUsePost => {
+                StatusCode::METHOD_NOT_ALLOWED
+            }
             ApiError::Unavailable(_) | ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotUtf8 => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 
@@ -106,6 +131,11 @@ impl ApiError {
                 response
                     .headers_mut()
                     .insert(ALLOW, HeaderValue::from_static("GET"));
+            }
+            ApiError::MethodNotAllowedUsePost => {
+                response
+                    .headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static("POST"));
             }
             ApiError::Unavailable(_) | ApiError::Overloaded(_) | ApiError::TooManyRequests(_) => {
                 let seconds = admission::RETRY_AFTER.as_secs().to_string();

@@ -9,69 +9,18 @@
 use std::future::Future;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CONTENT_LENGTH};
+use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
 use super::events::{CHANNEL_PARAM, TOKEN_PARAM};
 use super::{json_response, ApiError, EventsEndpoint, ResponseBody};
-use crate::auth::Denied;
 use crate::publisher::PublishError;
 
 /// Header that makes a repeated publish answer like the first.
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// Longest accepted `Idempotency-Key`, as the function library's.
 const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
-
-/// Why a publish request was not served; each maps to one status.
-#[derive(Debug, thiserror::Error)]
-enum Refusal {
-    /// `400`.
-    #[error("{0}")]
-    BadRequest(String),
-    /// `401`.
-    #[error("{0}")]
-    Unauthorized(String),
-    /// `403`.
-    #[error("{0}")]
-    Forbidden(String),
-    /// `405`.
-    #[error("method not allowed: use POST")]
-    MethodNotAllowed,
-    /// `413`.
-    #[error("{0}")]
-    TooLarge(String),
-    /// `422`.
-    #[error("the payload is not UTF-8")]
-    NotUtf8,
-    /// `503`.
-    #[error("{0}")]
-    Unavailable(String),
-}
-
-impl Refusal {
-    fn into_response(self) -> Response<ResponseBody> {
-        let (status, message) = match self {
-            // The statuses every endpoint shares are answered as they are everywhere else
-            // (`WWW-Authenticate`, `Retry-After`, the rejection counter).
-            Refusal::BadRequest(m) => return ApiError::BadRequest(m).into_response(),
-            Refusal::Unauthorized(m) => return ApiError::Unauthorized(m).into_response(),
-            Refusal::Forbidden(m) => return ApiError::Forbidden(m).into_response(),
-            Refusal::Unavailable(m) => return ApiError::Unavailable(m).into_response(),
-            Refusal::MethodNotAllowed => {
-                let mut response = ApiError::MethodNotAllowed.into_response();
-                response
-                    .headers_mut()
-                    .insert(ALLOW, HeaderValue::from_static("POST"));
-                return response;
-            }
-            refusal @ Refusal::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, refusal.to_string()),
-            refusal @ Refusal::NotUtf8 => (StatusCode::UNPROCESSABLE_ENTITY, refusal.to_string()),
-        };
-        crate::metrics::request_rejected(status.as_u16());
-        json_response(status, &serde_json::json!({ "error": message }))
-    }
-}
 
 /// A request body `/publish` can read, at most a limit of it. hyper's bodies; and `()`, the
 /// fast path's, which never reaches `/publish` (it serves only `GET /events`).
@@ -115,22 +64,19 @@ pub(crate) async fn handle<B: PublishBody>(
 async fn publish<B: PublishBody>(
     endpoint: &EventsEndpoint,
     request: Request<B>,
-) -> Result<String, Refusal> {
+) -> Result<String, ApiError> {
     if request.method() != Method::POST {
-        return Err(Refusal::MethodNotAllowed);
+        return Err(ApiError::MethodNotAllowedUsePost);
     }
-    let (channel, query_token) = parse_query(request.uri().query()).map_err(Refusal::BadRequest)?;
-    let idempotency_key = idempotency_key(request.headers()).map_err(Refusal::BadRequest)?;
+    let (channel, query_token) =
+        parse_query(request.uri().query()).map_err(ApiError::BadRequest)?;
+    let idempotency_key = idempotency_key(request.headers()).map_err(ApiError::BadRequest)?;
     endpoint
         .authorizer
-        .authorize_publish(request.headers(), query_token.as_deref(), &channel)
-        .map_err(|denied| match denied {
-            Denied::Unauthenticated(message) => Refusal::Unauthorized(message),
-            Denied::Forbidden(message) => Refusal::Forbidden(message),
-        })?;
+        .authorize_publish(request.headers(), query_token.as_deref(), &channel)?;
     let limit = endpoint.settings.limits.max_payload_bytes;
     let too_large = || {
-        Refusal::TooLarge(format!(
+        ApiError::PayloadTooLarge(format!(
             "the payload is larger than {limit} bytes (limits.max_payload_bytes)"
         ))
     };
@@ -141,21 +87,21 @@ async fn publish<B: PublishBody>(
         .into_body()
         .read_at_most(limit)
         .await
-        .map_err(Refusal::BadRequest)?
+        .map_err(ApiError::BadRequest)?
         .ok_or_else(too_large)?;
     if std::str::from_utf8(&payload).is_err() {
-        return Err(Refusal::NotUtf8);
+        return Err(ApiError::NotUtf8);
     }
     endpoint
         .publisher
         .publish(&channel, &payload, idempotency_key.as_deref())
         .await
         .map_err(|error| match error {
-            PublishError::TooLarge(message) => Refusal::TooLarge(message),
-            PublishError::Rejected(message) => Refusal::BadRequest(message),
+            PublishError::TooLarge(message) => ApiError::PayloadTooLarge(message),
+            PublishError::Rejected(message) => ApiError::BadRequest(message),
             PublishError::Unavailable(message) => {
                 tracing::debug!(error = %message, "publish failed: Redis unavailable");
-                Refusal::Unavailable(format!("Redis is unavailable; retry later ({message})"))
+                ApiError::Unavailable(format!("Redis is unavailable; retry later ({message})"))
             }
         })
 }
@@ -220,6 +166,8 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use http::HeaderValue;
+
     use super::*;
 
     #[test]

@@ -3,8 +3,8 @@
 //! in between. On a 2-core CI runner in a debug build the full [`super::SseClient`] costs more
 //! than the gateway it tests once a few thousand of them read at once.
 //!
-//! It relies on the gateway's own framing (`\n` line ends): the independent, tolerant parser
-//! is [`super::SseClient`]'s.
+//! It finds a block's end by the gateway's own framing (`\n` line ends), where
+//! [`super::SseClient`] accepts any line end; both parse the block with [`SseBlock::parse`].
 
 use std::net::SocketAddr;
 
@@ -186,7 +186,7 @@ impl LeanSseReader {
             let Some(end) = rest.windows(2).position(|w| w == b"\n\n") else {
                 return Ok(None);
             };
-            let block = parse_block(std::str::from_utf8(&rest[..end])?);
+            let block = SseBlock::parse(std::str::from_utf8(&rest[..end])?);
             self.parsed += end + 2;
             if block != SseBlock::default() {
                 return Ok(Some(block));
@@ -211,31 +211,4 @@ async fn read_head(stream: &mut TcpStream, raw: &mut Vec<u8>) -> TestResult<usiz
         }
         raw.extend_from_slice(&buffer[..read]);
     }
-}
-
-/// Parses the lines of one block (without its blank line).
-fn parse_block(text: &str) -> SseBlock {
-    let mut block = SseBlock::default();
-    let mut data: Vec<&str> = Vec::new();
-    for line in text.split('\n') {
-        if line.starts_with(':') {
-            block.comments += 1;
-            continue;
-        }
-        let (field, value) = match line.split_once(':') {
-            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-            None => (line, ""),
-        };
-        match field {
-            "id" => block.id = Some(value.to_string()),
-            "event" => block.event = Some(value.to_string()),
-            "data" => data.push(value),
-            "retry" => block.retry = value.parse().ok(),
-            _ => {}
-        }
-    }
-    if !data.is_empty() {
-        block.data = Some(data.join("\n"));
-    }
-    block
 }

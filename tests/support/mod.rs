@@ -437,6 +437,37 @@ pub struct SseBlock {
 }
 
 impl SseBlock {
+    /// Parses the lines of one block (up to, not including, the blank line that ends it) as a
+    /// browser's EventSource would: lines may end in `\r\n`, `\r` or `\n`; a field's value
+    /// loses one leading space; comments are counted; unknown fields are ignored. The only SSE
+    /// parser of the tests: [`SseClient`] and [`lean::LeanSseReader`] both find a block's end
+    /// and hand its lines here.
+    pub fn parse(lines: &str) -> SseBlock {
+        let mut block = SseBlock::default();
+        let mut data: Vec<&str> = Vec::new();
+        for line in lines.split(['\r', '\n']).filter(|line| !line.is_empty()) {
+            if line.starts_with(':') {
+                block.comments += 1;
+                continue;
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (line, ""),
+            };
+            match field {
+                "id" => block.id = Some(value.to_string()),
+                "event" => block.event = Some(value.to_string()),
+                "data" => data.push(value),
+                "retry" => block.retry = value.parse().ok(),
+                _ => {}
+            }
+        }
+        if !data.is_empty() {
+            block.data = Some(data.join("\n"));
+        }
+        block
+    }
+
     pub fn is_event(&self) -> bool {
         self.data.is_some()
     }
@@ -597,52 +628,41 @@ impl SseClient {
         Ok(())
     }
 
-    /// Splits off one complete block, parsing it like a browser's EventSource would.
+    /// Splits off one complete block, skipping stray blank lines and blocks with no field a
+    /// browser's EventSource would keep.
     fn take_block(&mut self) -> Option<SseBlock> {
-        let mut block = SseBlock::default();
-        let mut data_lines: Vec<String> = Vec::new();
-        let mut pos = 0;
-        let text = self.buffer.as_str();
         loop {
-            let rest = &text[pos..];
-            let end = rest.find(['\r', '\n'])?;
-            // A lone `\r` at the very end may be the first half of `\r\n`: wait for more.
-            if rest[end..].starts_with('\r') && end + 1 == rest.len() {
-                return None;
-            }
-            let line = &rest[..end];
-            let skip = if rest[end..].starts_with("\r\n") {
-                2
-            } else {
-                1
-            };
-            pos += end + skip;
-            if line.is_empty() {
-                if !data_lines.is_empty() {
-                    block.data = Some(data_lines.join("\n"));
-                }
-                if block == SseBlock::default() {
-                    continue; // a stray blank line
-                }
-                self.buffer.drain(..pos);
+            let (lines, taken) = first_block(&self.buffer)?;
+            let block = SseBlock::parse(&self.buffer[..lines]);
+            self.buffer.drain(..taken);
+            if block != SseBlock::default() {
                 return Some(block);
             }
-            if line.starts_with(':') {
-                block.comments += 1;
-                continue;
-            }
-            let (field, value) = match line.split_once(':') {
-                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-                None => (line, ""),
-            };
-            match field {
-                "id" => block.id = Some(value.to_string()),
-                "event" => block.event = Some(value.to_string()),
-                "data" => data_lines.push(value.to_string()),
-                "retry" => block.retry = value.parse().ok(),
-                _ => {}
-            }
         }
+    }
+}
+
+/// Where the first complete block of `text` ends, with any line end (`\r\n`, `\r`, `\n`):
+/// the length of its lines and the length up to and including the blank line after them;
+/// `None` until that blank line has arrived.
+fn first_block(text: &str) -> Option<(usize, usize)> {
+    let mut pos = 0;
+    loop {
+        let rest = &text[pos..];
+        let end = rest.find(['\r', '\n'])?;
+        // A lone `\r` at the very end may be the first half of `\r\n`: wait for more.
+        if rest[end..].starts_with('\r') && end + 1 == rest.len() {
+            return None;
+        }
+        let line_end = if rest[end..].starts_with("\r\n") {
+            2
+        } else {
+            1
+        };
+        if end == 0 {
+            return Some((pos, pos + line_end));
+        }
+        pos += end + line_end;
     }
 }
 
