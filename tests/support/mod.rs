@@ -20,8 +20,8 @@ use tokio::time::{timeout, Instant};
 pub mod balancer;
 pub mod lean;
 pub mod publisher;
-pub mod topology;
 pub mod tls_redis;
+pub mod topology;
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
