@@ -319,6 +319,7 @@ impl Gateway {
         let failure = Arc::new(std::sync::OnceLock::new());
         let admin = Arc::new(http::AdminEndpoint {
             hub: hub.clone(),
+            redis_mode: settings.redis.mode,
             draining: stop.clone(),
             failure: failure.clone(),
             metrics: metrics_handle.clone(),

@@ -41,6 +41,11 @@ pub const EVENTS_REPLAYED: &str = "ssehub_events_replayed_total";
 pub const RESETS: &str = "ssehub_resets_total";
 /// 1 while the Redis subscription connection is up.
 pub const REDIS_UP: &str = "ssehub_redis_up";
+/// Redis shards the gateway knows of: 1 for standalone and sentinel, the primaries owning slots
+/// in a cluster.
+pub const REDIS_SHARDS_KNOWN: &str = "ssehub_redis_shards_known";
+/// Known Redis shards whose subscription connection is up.
+pub const REDIS_SHARDS_UP: &str = "ssehub_redis_shards_up";
 /// Re-established Redis subscription connections.
 pub const REDIS_RECONNECTS: &str = "ssehub_redis_reconnects_total";
 /// Channels currently subscribed on Redis.
@@ -211,6 +216,14 @@ fn describe_all() {
     describe_counter!(EVENTS_REPLAYED, "Events sent as part of a resume replay.");
     describe_counter!(RESETS, "gateway.reset events sent, by reason.");
     describe_gauge!(REDIS_UP, "1 while the Redis subscription connection is up.");
+    describe_gauge!(
+        REDIS_SHARDS_KNOWN,
+        "Redis shards the gateway knows of (1 unless Redis is a cluster: its slot-owning primaries)."
+    );
+    describe_gauge!(
+        REDIS_SHARDS_UP,
+        "Known Redis shards whose subscription connection is up."
+    );
     describe_counter!(
         REDIS_RECONNECTS,
         "Redis subscription connections re-established."
@@ -274,6 +287,8 @@ fn register_all() {
         counter!(RESETS, "reason" => reason.as_str()).absolute(0);
     }
     gauge!(REDIS_UP).set(0.0);
+    gauge!(REDIS_SHARDS_KNOWN).set(0.0);
+    gauge!(REDIS_SHARDS_UP).set(0.0);
     counter!(REDIS_RECONNECTS).absolute(0);
     gauge!(REDIS_CHANNELS).set(0.0);
     counter!(CHANNELS_EVICTED).absolute(0);
@@ -375,6 +390,13 @@ pub fn reset_sent(reason: ResetReason) {
 /// The Redis subscription connection went up or down.
 pub fn redis_up(up: bool) {
     gauge!(REDIS_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// How many Redis shards the gateway knows of, and how many of their subscription connections
+/// are up.
+pub fn redis_shards(known: usize, up: usize) {
+    gauge!(REDIS_SHARDS_KNOWN).set(known as f64);
+    gauge!(REDIS_SHARDS_UP).set(up as f64);
 }
 
 /// The Redis subscription connection was re-established after a loss.

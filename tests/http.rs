@@ -92,6 +92,42 @@ async fn healthz_and_readyz_answer_on_the_admin_listener() -> TestResult {
     gateway.stop().await
 }
 
+/// The `/readyz` body, parsed, after waiting for `status`.
+async fn readyz_body(gateway: &TestGateway, status: u16) -> TestResult<serde_json::Value> {
+    gateway.wait_ready(status).await?;
+    let (got, body) = get(gateway.admin, "/readyz", &[]).await?;
+    assert_eq!(got, status, "{body}");
+    Ok(serde_json::from_str(&body)?)
+}
+
+#[tokio::test]
+async fn readyz_describes_the_redis_topology_while_redis_is_up_and_down() -> TestResult {
+    let mut redis = TestRedis::start().await?;
+    let gateway = TestGateway::start_ready(test_settings(&redis)).await?;
+    let ready = readyz_body(&gateway, 200).await?;
+    assert_eq!(
+        ready,
+        serde_json::json!({
+            "status": "ready",
+            "redis": { "mode": "standalone", "shards_known": 1, "shards_up": 1 },
+        })
+    );
+    redis.kill().await?;
+    let down = readyz_body(&gateway, 503).await?;
+    assert_eq!(
+        down,
+        serde_json::json!({
+            "status": "not ready",
+            "reason": "redis subscription down",
+            "redis": { "mode": "standalone", "shards_known": 1, "shards_up": 0 },
+        })
+    );
+    redis.restart().await?;
+    let back = readyz_body(&gateway, 200).await?;
+    assert_eq!(back["redis"]["shards_up"], 1, "{back}");
+    gateway.stop().await
+}
+
 #[tokio::test]
 async fn shutdown_ends_open_streams_cleanly_and_returns() -> TestResult {
     let redis = TestRedis::start().await?;

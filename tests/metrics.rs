@@ -39,6 +39,8 @@ const DOCUMENTED: &[&str] = &[
     "ssehub_resets_total{reason=\"history_expired\"}",
     "ssehub_resets_total{reason=\"upstream_interrupted\"}",
     "ssehub_redis_up",
+    "ssehub_redis_shards_known",
+    "ssehub_redis_shards_up",
     "ssehub_redis_reconnects_total",
     "ssehub_redis_channels",
     "ssehub_channels_evicted_total",
@@ -127,6 +129,8 @@ async fn metrics_follow_clients_through_connect_receive_resume_and_disconnect() 
         start.value(key)?;
     }
     assert_eq!(start.value("ssehub_redis_up")?, 1.0);
+    assert_eq!(start.value("ssehub_redis_shards_known")?, 1.0);
+    assert_eq!(start.value("ssehub_redis_shards_up")?, 1.0);
     assert_eq!(start.value("ssehub_connections")?, 0.0);
     assert!(start
         .0
@@ -235,8 +239,17 @@ async fn metrics_follow_clients_through_connect_receive_resume_and_disconnect() 
     let before_outage = b.last_event_id.clone().ok_or("no id")?;
     redis.kill().await?;
     expect(admin, "ssehub_redis_up", 0.0).await?;
+    expect(admin, "ssehub_redis_shards_up", 0.0).await?;
+    assert_eq!(
+        Scrape::take(admin)
+            .await?
+            .value("ssehub_redis_shards_known")?,
+        1.0,
+        "a shard that is down is still known"
+    );
     redis.restart().await?;
     expect(admin, "ssehub_redis_up", 1.0).await?;
+    expect(admin, "ssehub_redis_shards_up", 1.0).await?;
     expect(admin, "ssehub_redis_reconnects_total", 1.0).await?;
     b.next_event().await?; // its reset
     let mut across = gateway

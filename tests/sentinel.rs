@@ -531,6 +531,17 @@ async fn with_the_memory_backend_a_failover_is_announced_then_served_live() -> T
     let mut sentinels = TestSentinels::start().await?;
     let gateway =
         TestGateway::start_ready(sentinel_settings(&sentinels, HistoryBackend::Memory)).await?;
+    // `/readyz` names the mode; behind sentinels the gateway subscribes on one shard, the primary.
+    let (status, body) = get(gateway.admin, "/readyz", &[]).await?;
+    let readiness: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(
+        (status, &readiness["redis"]),
+        (
+            200,
+            &serde_json::json!({ "mode": "sentinel", "shards_known": 1, "shards_up": 1 })
+        ),
+        "{body}"
+    );
     let mut client = SseClient::open(gateway.addr, &events_path(), &[]).await?.1;
     let publisher = Publisher::start(
         gateway.addr,

@@ -1,4 +1,5 @@
-//! The admin listener's endpoints: liveness, readiness and Prometheus metrics.
+//! The admin listener's endpoints: liveness, readiness (with the Redis topology: mode, shards
+//! known and up) and Prometheus metrics.
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use http_body_util::{Either, Full};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use super::{json_response, ResponseBody};
+use crate::config::RedisMode;
 use crate::hub::Hub;
 use crate::metrics;
 
@@ -16,6 +18,8 @@ use crate::metrics;
 #[derive(Debug)]
 pub(crate) struct AdminEndpoint {
     pub(crate) hub: Arc<Hub>,
+    /// `redis.mode`, reported by `/readyz` with the hub's shard counts.
+    pub(crate) redis_mode: RedisMode,
     /// Cancelled when draining starts: from then on the instance reports not ready.
     pub(crate) draining: tokio_util::sync::CancellationToken,
     /// Set to the name of a long-lived task that failed: the instance reports not ready.
@@ -51,26 +55,50 @@ impl AdminEndpoint {
         response
     }
 
-    /// `200` only while the Redis subscription connection is up.
+    /// `200` only while the Redis subscription connection is up. Every answer also describes
+    /// the Redis topology, so a `503` shows which part of it is missing.
     pub(crate) fn readyz(&self) -> Response<ResponseBody> {
+        let redis = self.redis_topology();
         if let Some(task) = self.failure.get() {
             let reason = format!("the {task} task failed");
-            json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &serde_json::json!({ "status": "not ready", "reason": reason }),
-            )
+            not_ready(&reason, redis)
         } else if self.draining.is_cancelled() {
-            json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &serde_json::json!({ "status": "not ready", "reason": "draining" }),
-            )
+            not_ready("draining", redis)
         } else if self.hub.upstream_up() {
-            json_response(StatusCode::OK, &serde_json::json!({ "status": "ready" }))
-        } else {
             json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &serde_json::json!({ "status": "not ready", "reason": "redis subscription down" }),
+                StatusCode::OK,
+                &serde_json::json!({ "status": "ready", "redis": redis }),
             )
+        } else {
+            not_ready("redis subscription down", redis)
         }
+    }
+
+    /// The `redis` object of `/readyz`: the configured mode and the shard counts the upstream
+    /// last reported.
+    fn redis_topology(&self) -> serde_json::Value {
+        let (known, up) = self.hub.shards();
+        serde_json::json!({
+            "mode": mode_name(self.redis_mode),
+            "shards_known": known,
+            "shards_up": up,
+        })
+    }
+}
+
+/// A `503` readiness answer.
+fn not_ready(reason: &str, redis: serde_json::Value) -> Response<ResponseBody> {
+    json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &serde_json::json!({ "status": "not ready", "reason": reason, "redis": redis }),
+    )
+}
+
+/// `redis.mode` as it is spelled in the configuration.
+fn mode_name(mode: RedisMode) -> &'static str {
+    match mode {
+        RedisMode::Standalone => "standalone",
+        RedisMode::Sentinel => "sentinel",
+        RedisMode::Cluster => "cluster",
     }
 }

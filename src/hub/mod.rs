@@ -148,6 +148,10 @@ pub struct Hub {
     upstream_requests: mpsc::UnboundedSender<UpstreamRequest>,
     /// True while the Redis subscription connection is up; the upstream task is the writer.
     upstream_up: watch::Sender<bool>,
+    /// Redis shards known and shards whose subscription connection is up, in that order; the
+    /// upstream task is the writer. One lock, so a reader never sees the count of one report
+    /// with the other's; no other lock is taken while it is held.
+    shards: Mutex<(usize, usize)>,
     limits: HistoryLimits,
     /// `channels.max_total`: most channels held at once.
     max_channels: usize,
@@ -180,6 +184,8 @@ impl Hub {
             expiries: Mutex::new(Deadlines::default()),
             upstream_requests,
             upstream_up: watch::Sender::new(false),
+            // Nothing is known before the upstream task's first report.
+            shards: Mutex::new((0, 0)),
             limits: HistoryLimits {
                 capacity: settings.history_capacity,
                 max_payload_bytes: settings.max_payload_bytes,
@@ -213,6 +219,12 @@ impl Hub {
     /// Whether the Redis subscription connection is up.
     pub fn upstream_up(&self) -> bool {
         *self.upstream_up.borrow()
+    }
+
+    /// Redis shards known and shards up, as last reported by the upstream task (see
+    /// [`Hub::set_shards`]).
+    pub fn shards(&self) -> (usize, usize) {
+        *self.shards.lock()
     }
 
     /// Number of channels held (subscribed, pending or lingering).
@@ -357,5 +369,21 @@ mod tests {
         let size = hub.measure();
         assert_eq!((size.events, size.subscribed), (3, 2));
         assert!(size.bytes > 3 * "payload".len());
+    }
+
+    #[tokio::test]
+    async fn the_single_upstream_reports_one_shard() {
+        let (hub, _requests) = hub(300, 300);
+        assert_eq!(
+            hub.shards(),
+            (0, 0),
+            "nothing known before the first report"
+        );
+        hub.set_upstream_up(true);
+        assert_eq!(hub.shards(), (1, 1));
+        hub.set_upstream_up(false);
+        assert_eq!(hub.shards(), (1, 0));
+        hub.set_shards(3, 2);
+        assert_eq!(hub.shards(), (3, 2));
     }
 }

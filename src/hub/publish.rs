@@ -2,8 +2,9 @@
 //!
 //! The upstream task is the single writer: it hands over Redis messages ([`Hub::publish`]),
 //! confirms subscriptions ([`Hub::mark_subscribed`]) and reports the connection's state
-//! ([`Hub::set_upstream_up`]). Each append takes the next global position, encodes the frame
-//! once, and wakes the channel's readers after the head has moved past it.
+//! ([`Hub::set_upstream_up`], and the shards' with [`Hub::set_shards`]). Each append takes the
+//! next global position, encodes the frame once, and wakes the channel's readers after the head
+//! has moved past it.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -213,5 +214,16 @@ impl Hub {
         }
         self.upstream_up.send_replace(up);
         crate::metrics::redis_up(up);
+        // One shard, up or not, until the cluster upstream reports per shard.
+        self.set_shards(1, usize::from(up));
+    }
+
+    /// Records how many Redis shards the gateway knows of and how many of their subscription
+    /// connections are up (for `/readyz` and the shard gauges).
+    pub fn set_shards(&self, known: usize, up: usize) {
+        let mut shards = self.shards.lock();
+        *shards = (known, up);
+        // Set under the lock, so concurrent reports leave the gauges at the stored numbers.
+        crate::metrics::redis_shards(known, up);
     }
 }
