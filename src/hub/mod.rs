@@ -75,7 +75,7 @@ pub enum UpstreamRequest {
 }
 
 /// A request to subscribe to a newly wanted channel.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct SubscribeRequest {
     /// Channel name.
     pub name: Arc<str>,

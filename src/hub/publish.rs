@@ -212,6 +212,27 @@ impl Hub {
                 }
             }
         }
+        self.record_upstream_up(up);
+    }
+
+    /// Marks the subscribed channels among `names` interrupted (their shard's subscription
+    /// dropped, or their slot moved): each gets a gap, or a catch-up from Redis, when it is
+    /// subscribed again. The other channels are untouched.
+    pub fn interrupt(&self, names: &[Arc<str>]) {
+        let map = self.channels.lock();
+        for name in names {
+            if let Some(slot) = map.get(name) {
+                let mut state = slot.channel.state.write();
+                if state.status == Status::Subscribed {
+                    state.status = Status::Interrupted;
+                }
+            }
+        }
+    }
+
+    /// Records whether every subscription the gateway needs is up (readiness, `ssehub_redis_up`)
+    /// without touching the channels: a cluster's upstream interrupts them shard by shard.
+    pub fn record_upstream_up(&self, up: bool) {
         self.upstream_up.send_replace(up);
         crate::metrics::redis_up(up);
         // One shard, up or not, until the cluster upstream reports per shard.

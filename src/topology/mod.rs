@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{redact_url, RedisMode, RedisSettings};
 
+pub mod cluster;
 mod connector;
 mod sentinel;
 
@@ -48,6 +49,8 @@ pub struct Topology {
     connector: NodeConnector,
     /// Set in sentinel mode.
     sentinels: Option<Sentinels>,
+    /// Cluster mode: the seed nodes, one connector each (empty otherwise).
+    seeds: Vec<NodeConnector>,
     /// The primary last announced by a sentinel (`None` until a failover is announced).
     announced: watch::Sender<Option<NodeAddress>>,
     connect_timeout: Duration,
@@ -57,7 +60,20 @@ impl Topology {
     /// The topology `settings` describe. Nothing is connected yet.
     pub fn new(settings: &RedisSettings) -> Result<Arc<Topology>, String> {
         let tls = settings.tls_certificates().map_err(|e| e.to_string())?;
-        let connector = NodeConnector::new(&settings.url, tls.as_ref())?;
+        let seeds = match settings.mode {
+            RedisMode::Cluster => settings
+                .nodes
+                .iter()
+                .map(|node| NodeConnector::new(node, tls.as_ref()))
+                .collect::<Result<Vec<_>, String>>()?,
+            _ => Vec::new(),
+        };
+        // A cluster's nodes share their credentials and TLS: the first seed's apply to every
+        // node the slot map names.
+        let connector = match seeds.first() {
+            Some(seed) => seed.clone(),
+            None => NodeConnector::new(&settings.url, tls.as_ref())?,
+        };
         let sentinels = match settings.mode {
             RedisMode::Standalone => None,
             RedisMode::Sentinel => Some(Sentinels::new(
@@ -66,13 +82,12 @@ impl Topology {
                 &connector,
                 tls.as_ref(),
             )?),
-            RedisMode::Cluster => {
-                return Err("redis.mode = \"cluster\" is not available in this build yet".into())
-            }
+            RedisMode::Cluster => None,
         };
         Ok(Arc::new(Topology {
             connector,
             sentinels,
+            seeds,
             announced: watch::channel(None).0,
             connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
         }))
@@ -95,6 +110,16 @@ impl Topology {
             }),
             Some(sentinels) => sentinels.primary(self.connect_timeout).await,
         }
+    }
+
+    /// Whether this is a Redis Cluster (the upstream then runs one subscription per shard).
+    pub fn is_cluster(&self) -> bool {
+        !self.seeds.is_empty()
+    }
+
+    /// A client for the node at `address`, reached like every node of the deployment.
+    pub fn node(&self, address: &NodeAddress) -> Result<redis::Client, String> {
+        self.connector.client_at(&address.0, address.1)
     }
 
     /// Announcements of a new primary: a connection to any other node should be replaced.

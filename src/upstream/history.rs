@@ -99,6 +99,26 @@ impl SharedHistory {
         Ok(())
     }
 
+    /// Makes `requests` live after their (re)subscription: a channel with a position catches up
+    /// from Redis, a new one loads its recent history, and both are marked restored.
+    pub(super) async fn restore(
+        &mut self,
+        hub: &Hub,
+        requests: &[SubscribeRequest],
+    ) -> Result<(), String> {
+        let mut fresh = Vec::new();
+        for request in requests {
+            match hub.stored_position(&request.name) {
+                Some(from) => self.catch_up(hub, &request.name, from).await?,
+                None => fresh.push(request.clone()),
+            }
+        }
+        self.load(hub, &fresh).await?;
+        let names: Vec<Arc<str>> = requests.iter().map(|r| r.name.clone()).collect();
+        hub.mark_restored(&names);
+        Ok(())
+    }
+
     /// Hands a live message to the hub, first reading from Redis what was missed before it.
     pub(super) async fn deliver(&mut self, hub: &Hub, message: &redis::Msg) -> Result<(), String> {
         metrics::event_received();

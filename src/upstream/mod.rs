@@ -32,6 +32,7 @@ use crate::hub::{Hub, PublishOutcome, SubscribeRequest, UpstreamRequest};
 use crate::metrics;
 use crate::topology::{NodeAddress, Primary, Topology};
 
+mod cluster;
 mod history;
 
 use history::SharedHistory;
@@ -59,6 +60,9 @@ pub async fn run(
     shared_history: Option<LibraryBounds>,
     shutdown: CancellationToken,
 ) {
+    if topology.is_cluster() {
+        return cluster::run(topology, hub, requests, settings, shared_history, shutdown).await;
+    }
     let mut backoff = Backoff::new(
         Duration::from_millis(settings.reconnect_initial_ms),
         Duration::from_millis(settings.reconnect_max_ms),
@@ -309,24 +313,10 @@ impl Session<'_> {
             with_timeout(timeout, "SUBSCRIBE", sink.subscribe(&names)).await?;
         }
         match self.shared.as_mut() {
+            // Subscribed first, so nothing published from here on is missed; then what each
+            // channel missed meanwhile is read from Redis.
+            Some(shared) => shared.restore(self.hub, &wanted).await?,
             None => self.hub.mark_subscribed(&wanted),
-            Some(shared) => {
-                // Subscribed first, so nothing published from here on is missed; then what
-                // each channel missed meanwhile is read from Redis.
-                let mut fresh = Vec::new();
-                for request in wanted.iter() {
-                    match self.hub.stored_position(&request.name) {
-                        Some(from) => shared.catch_up(self.hub, &request.name, from).await?,
-                        None => fresh.push(SubscribeRequest {
-                            name: request.name.clone(),
-                            generation: request.generation,
-                        }),
-                    }
-                }
-                shared.load(self.hub, &fresh).await?;
-                let names: Vec<Arc<str>> = wanted.into_iter().map(|r| r.name).collect();
-                self.hub.mark_restored(&names);
-            }
         }
         self.hub.set_upstream_up(true);
         Ok(())
