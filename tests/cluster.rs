@@ -1,0 +1,201 @@
+//! `redis.mode = "cluster"`: a 3-primary / 3-replica Redis Cluster started by the test. The
+//! gateway serves each channel through sharded pub/sub on the primary owning its slot, and a
+//! fault on one shard (its primary killed, a slot migrated) touches only that shard's
+//! channels. Each test prints the time from the fault to the first event delivered again.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ssehub::config::{RedisMode, Settings};
+use support::topology::{key_slot, query, TestCluster, TOPOLOGY_PATIENCE};
+use support::*;
+use tokio::sync::{Mutex, MutexGuard, OnceCell};
+use tokio::time::Instant;
+
+static CLUSTER: OnceCell<Mutex<TestCluster>> = OnceCell::const_new();
+
+/// The cluster the tests of this file share, healed from the previous test's faults.
+async fn shared_cluster() -> TestResult<MutexGuard<'static, TestCluster>> {
+    let cell = CLUSTER
+        .get_or_try_init(|| async { TestCluster::start().await.map(Mutex::new) })
+        .await?;
+    let mut cluster = cell.lock().await;
+    cluster.heal().await?;
+    Ok(cluster)
+}
+
+fn cluster_settings(cluster: &TestCluster) -> Settings {
+    let mut settings = Settings::default();
+    settings.redis.mode = RedisMode::Cluster;
+    settings.redis.nodes = cluster.seed_urls();
+    settings.redis.reconnect_initial_ms = 50;
+    settings.redis.reconnect_max_ms = 500;
+    settings.redis.ping_interval_secs = 1;
+    settings.redis.command_timeout_secs = 2;
+    settings.redis.connect_timeout_secs = 2;
+    settings.channels.public = vec!["*".to_string()];
+    settings.server.shutdown_grace_secs = 5;
+    settings
+}
+
+/// `SPUBLISH` on the primary owning `channel` now (asked each time: it moves in these tests).
+async fn spublish(cluster: &TestCluster, channel: &str, payload: &str) -> TestResult {
+    let owner = cluster.owner_of_slot(key_slot(channel)).await?;
+    let _: i64 = query(owner, redis::cmd("SPUBLISH").arg(channel).arg(payload)).await?;
+    Ok(())
+}
+
+/// What one client saw: data payloads and resets, in order.
+#[derive(Debug, Default)]
+struct Seen {
+    data: Vec<String>,
+    resets: Vec<String>,
+    /// When the first payload starting with the marker arrived.
+    first_marked: Option<Instant>,
+}
+
+/// Publishes `<channel>-<n>` on every channel (one client per channel) round after round
+/// until every client has seen a payload of round `until_round` or `patience` runs out,
+/// reading between rounds.
+async fn publish_and_read(
+    cluster: &TestCluster,
+    clients: &mut [(String, SseClient, Seen)],
+    rounds: std::ops::Range<u64>,
+    marker_from: Option<u64>,
+) -> TestResult {
+    for round in rounds {
+        for (channel, _, _) in clients.iter() {
+            // Publishing fails while the shard's primary is down: that round is lost for it.
+            let _ = spublish(cluster, channel, &format!("{channel}-{round}")).await;
+        }
+        for (_, client, seen) in clients.iter_mut() {
+            while let Ok(block) = client.next_block_within(Duration::from_millis(20)).await {
+                if !block.is_event() {
+                    continue;
+                }
+                if let Some((reason, _)) = block.reset() {
+                    seen.resets.push(reason);
+                    continue;
+                }
+                let number = block
+                    .data()
+                    .rsplit_once('-')
+                    .and_then(|(_, n)| n.parse::<u64>().ok());
+                if marker_from.is_some_and(|from| number.is_some_and(|n| n >= from))
+                    && seen.first_marked.is_none()
+                {
+                    seen.first_marked = Some(Instant::now());
+                }
+                seen.data.push(block.data().to_string());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_primary_interrupts_only_its_shards_channels() -> TestResult {
+    let mut cluster = shared_cluster().await?;
+    let gateway = TestGateway::start_ready(cluster_settings(&cluster)).await?;
+    let shards = cluster.channels_on_each_shard(1).await?;
+    let mut clients = Vec::new();
+    for (_, names) in &shards {
+        let channel = names[0].clone();
+        let client = gateway.subscribe(&format!("channel={channel}")).await?;
+        clients.push((channel, client, Seen::default()));
+    }
+    publish_and_read(&cluster, &mut clients, 0..5, None).await?;
+    for (channel, _, seen) in &clients {
+        assert_eq!(seen.data.len(), 5, "{channel}: {seen:?}");
+    }
+
+    let victim = shards[0].0;
+    let fault_at = Instant::now();
+    cluster.kill_node(victim).await?;
+    // Publishing rounds go on while the cluster fails over; the victim's channel is served
+    // again once a replica owns its slot.
+    let mut round = 5;
+    let marker = 1_000;
+    let new_primary = cluster.wait_for_failover_of(victim).await?;
+    publish_and_read(&cluster, &mut clients, marker..marker + 1, Some(marker)).await?;
+    while clients[0].2.first_marked.is_none() && fault_at.elapsed() < TOPOLOGY_PATIENCE {
+        round += 1;
+        publish_and_read(
+            &cluster,
+            &mut clients,
+            marker + round..marker + round + 1,
+            Some(marker),
+        )
+        .await?;
+    }
+    let back = clients[0]
+        .2
+        .first_marked
+        .ok_or("the killed shard's channel never came back")?;
+    println!(
+        "cluster, primary :{victim} killed: its channel served again by :{new_primary} {:?} after the kill",
+        back - fault_at
+    );
+    let resets: BTreeMap<&str, &Vec<String>> = clients
+        .iter()
+        .map(|(c, _, s)| (c.as_str(), &s.resets))
+        .collect();
+    assert_eq!(clients[0].2.resets, ["upstream_interrupted"], "{resets:?}");
+    for (channel, _, seen) in &clients[1..] {
+        assert!(
+            seen.resets.is_empty(),
+            "{channel} is on another shard: {seen:?}"
+        );
+    }
+    gateway.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migrated_slot_moves_only_its_channel() -> TestResult {
+    let cluster = shared_cluster().await?;
+    let gateway = TestGateway::start_ready(cluster_settings(&cluster)).await?;
+    let shards = cluster.channels_on_each_shard(1).await?;
+    let mut clients = Vec::new();
+    for (_, names) in &shards {
+        let channel = names[0].clone();
+        let client = gateway.subscribe(&format!("channel={channel}")).await?;
+        clients.push((channel, client, Seen::default()));
+    }
+    publish_and_read(&cluster, &mut clients, 0..3, None).await?;
+
+    let moving = clients[0].0.clone();
+    let target = shards[1].0;
+    let fault_at = Instant::now();
+    cluster.migrate_slot(key_slot(&moving), target).await?;
+    let marker = 1_000;
+    let mut round = 0;
+    while clients[0].2.first_marked.is_none() && fault_at.elapsed() < TOPOLOGY_PATIENCE {
+        publish_and_read(
+            &cluster,
+            &mut clients,
+            marker + round..marker + round + 1,
+            Some(marker),
+        )
+        .await?;
+        round += 1;
+    }
+    let back = clients[0]
+        .2
+        .first_marked
+        .ok_or("the moved channel never came back")?;
+    println!(
+        "cluster, slot migrated: its channel served again {:?} after the move",
+        back - fault_at
+    );
+    assert_eq!(clients[0].2.resets, ["upstream_interrupted"]);
+    for (channel, _, seen) in &clients[1..] {
+        assert!(seen.resets.is_empty(), "{channel} did not move: {seen:?}");
+        assert!(
+            seen.data.len() >= 3 + round as usize - 1,
+            "{channel}: {seen:?}"
+        );
+    }
+    gateway.stop().await
+}
