@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ssehub::config::{RedisMode, Settings};
@@ -51,7 +50,8 @@ async fn spublish(cluster: &TestCluster, channel: &str, payload: &str) -> TestRe
 #[derive(Debug, Default)]
 struct Seen {
     data: Vec<String>,
-    resets: Vec<String>,
+    /// `(reason, channels)` of each reset.
+    resets: Vec<(String, Vec<String>)>,
     /// When the first payload starting with the marker arrived.
     first_marked: Option<Instant>,
 }
@@ -75,8 +75,8 @@ async fn publish_and_read(
                 if !block.is_event() {
                     continue;
                 }
-                if let Some((reason, _)) = block.reset() {
-                    seen.resets.push(reason);
+                if let Some(reset) = block.reset() {
+                    seen.resets.push(reset);
                     continue;
                 }
                 let number = block
@@ -95,17 +95,27 @@ async fn publish_and_read(
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_primary_interrupts_only_its_shards_channels() -> TestResult {
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    KillPrimary,
+    ClusterFailover,
+}
+
+/// One client per shard's channel and one on all of them; a fault on the first shard: only
+/// its channel is interrupted (memory backend: one `upstream_interrupted`), on the
+/// multi-channel stream too, and it is served again by the new primary.
+async fn a_fault_interrupts_only_its_shard(fault: Fault) -> TestResult {
     let mut cluster = shared_cluster().await?;
     let gateway = TestGateway::start_ready(cluster_settings(&cluster)).await?;
     let shards = cluster.channels_on_each_shard(1).await?;
+    let channels: Vec<String> = shards.iter().map(|(_, names)| names[0].clone()).collect();
     let mut clients = Vec::new();
-    for (_, names) in &shards {
-        let channel = names[0].clone();
+    for channel in &channels {
         let client = gateway.subscribe(&format!("channel={channel}")).await?;
-        clients.push((channel, client, Seen::default()));
+        clients.push((channel.clone(), client, Seen::default()));
     }
+    let all: Vec<String> = channels.iter().map(|c| format!("channel={c}")).collect();
+    let mut everything = gateway.subscribe(&all.join("&")).await?;
     publish_and_read(&cluster, &mut clients, 0..5, None).await?;
     for (channel, _, seen) in &clients {
         assert_eq!(seen.data.len(), 5, "{channel}: {seen:?}");
@@ -113,15 +123,20 @@ async fn a_killed_primary_interrupts_only_its_shards_channels() -> TestResult {
 
     let victim = shards[0].0;
     let fault_at = Instant::now();
-    cluster.kill_node(victim).await?;
-    // Publishing rounds go on while the cluster fails over; the victim's channel is served
-    // again once a replica owns its slot.
-    let mut round = 5;
+    let new_primary = match fault {
+        Fault::KillPrimary => {
+            cluster.kill_node(victim).await?;
+            cluster.wait_for_failover_of(victim).await?
+        }
+        Fault::ClusterFailover => {
+            let replica = cluster.replica_of(victim).await?;
+            cluster.failover(replica).await?;
+            replica
+        }
+    };
     let marker = 1_000;
-    let new_primary = cluster.wait_for_failover_of(victim).await?;
-    publish_and_read(&cluster, &mut clients, marker..marker + 1, Some(marker)).await?;
+    let mut round = 0;
     while clients[0].2.first_marked.is_none() && fault_at.elapsed() < TOPOLOGY_PATIENCE {
-        round += 1;
         publish_and_read(
             &cluster,
             &mut clients,
@@ -129,27 +144,50 @@ async fn a_killed_primary_interrupts_only_its_shards_channels() -> TestResult {
             Some(marker),
         )
         .await?;
+        round += 1;
     }
     let back = clients[0]
         .2
         .first_marked
-        .ok_or("the killed shard's channel never came back")?;
+        .ok_or("the faulty shard's channel never came back")?;
     println!(
-        "cluster, primary :{victim} killed: its channel served again by :{new_primary} {:?} after the kill",
+        "cluster, {fault:?} of :{victim}: its channel served again by :{new_primary} {:?} after \
+         the fault",
         back - fault_at
     );
-    let resets: BTreeMap<&str, &Vec<String>> = clients
-        .iter()
-        .map(|(c, _, s)| (c.as_str(), &s.resets))
-        .collect();
-    assert_eq!(clients[0].2.resets, ["upstream_interrupted"], "{resets:?}");
+    let interrupted = vec![(
+        "upstream_interrupted".to_string(),
+        vec![channels[0].clone()],
+    )];
+    assert_eq!(clients[0].2.resets, interrupted);
     for (channel, _, seen) in &clients[1..] {
         assert!(
             seen.resets.is_empty(),
             "{channel} is on another shard: {seen:?}"
         );
     }
+    // The stream over every shard: the same single reset, for the first shard's channel only.
+    let mut resets = Vec::new();
+    while let Ok(block) = everything
+        .next_block_within(Duration::from_millis(200))
+        .await
+    {
+        if let Some(reset) = block.reset() {
+            resets.push(reset);
+        }
+    }
+    assert_eq!(resets, interrupted);
     gateway.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_primary_interrupts_only_its_shards_channels() -> TestResult {
+    a_fault_interrupts_only_its_shard(Fault::KillPrimary).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_interrupts_only_its_shards_channels() -> TestResult {
+    a_fault_interrupts_only_its_shard(Fault::ClusterFailover).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,7 +227,8 @@ async fn a_migrated_slot_moves_only_its_channel() -> TestResult {
         "cluster, slot migrated: its channel served again {:?} after the move",
         back - fault_at
     );
-    assert_eq!(clients[0].2.resets, ["upstream_interrupted"]);
+    let interrupted = vec![("upstream_interrupted".to_string(), vec![moving.clone()])];
+    assert_eq!(clients[0].2.resets, interrupted);
     for (channel, _, seen) in &clients[1..] {
         assert!(seen.resets.is_empty(), "{channel} did not move: {seen:?}");
         assert!(
