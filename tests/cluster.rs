@@ -121,6 +121,12 @@ async fn a_fault_interrupts_only_its_shard(fault: Fault) -> TestResult {
         assert_eq!(seen.data.len(), 5, "{channel}: {seen:?}");
     }
 
+    // `/readyz` and the gauges describe the whole cluster: three shards, all up.
+    let (status, body) = get(gateway.admin, "/readyz", &[]).await?;
+    let readiness: serde_json::Value = serde_json::from_str(&body)?;
+    let whole = serde_json::json!({ "mode": "cluster", "shards_known": 3, "shards_up": 3 });
+    assert_eq!((status, &readiness["redis"]), (200, &whole));
+
     let victim = shards[0].0;
     let fault_at = Instant::now();
     let new_primary = match fault {
@@ -177,6 +183,13 @@ async fn a_fault_interrupts_only_its_shard(fault: Fault) -> TestResult {
         }
     }
     assert_eq!(resets, interrupted);
+    let admin = gateway.admin;
+    eventually("every shard up again", || async move {
+        let (status, body) = get(admin, "/readyz", &[]).await.unwrap_or_default();
+        let readiness: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        status == 200 && readiness["redis"]["shards_up"] == 3
+    })
+    .await?;
     gateway.stop().await
 }
 

@@ -213,6 +213,8 @@ impl Hub {
             }
         }
         self.record_upstream_up(up);
+        // The one connection is the one shard; a cluster's upstream reports its own.
+        self.set_shards(1, usize::from(up));
     }
 
     /// Marks the subscribed channels among `names` interrupted (their shard's subscription
@@ -235,8 +237,6 @@ impl Hub {
     pub fn record_upstream_up(&self, up: bool) {
         self.upstream_up.send_replace(up);
         crate::metrics::redis_up(up);
-        // One shard, up or not, until the cluster upstream reports per shard.
-        self.set_shards(1, usize::from(up));
     }
 
     /// Records how many Redis shards the gateway knows of and how many of their subscription

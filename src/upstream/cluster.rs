@@ -107,6 +107,7 @@ pub(super) async fn run(
         }
     }
     manager.hub.record_upstream_up(false);
+    manager.hub.set_shards(manager.shards.len(), 0);
 }
 
 /// What a shard task tells the manager.
@@ -265,8 +266,10 @@ impl Manager {
         !self.shards.is_empty() && self.shards.values().all(|shard| shard.up)
     }
 
-    /// Readiness and `ssehub_redis_up`: every shard's subscription is up.
+    /// Readiness, `ssehub_redis_up` (every shard's subscription is up) and the shard gauges.
     fn report_up(&self) {
+        let up = self.shards.values().filter(|shard| shard.up).count();
+        self.hub.set_shards(self.shards.len(), up);
         self.hub.record_upstream_up(self.all_up());
     }
 
