@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use ssehub::config::{RedisMode, Settings};
+use ssehub::config::{HistoryBackend, RedisMode, Settings};
 use support::topology::{key_slot, query, TestCluster, TOPOLOGY_PATIENCE};
 use support::*;
 use tokio::sync::{Mutex, MutexGuard, OnceCell};
@@ -39,10 +39,32 @@ fn cluster_settings(cluster: &TestCluster) -> Settings {
     settings
 }
 
-/// `SPUBLISH` on the primary owning `channel` now (asked each time: it moves in these tests).
-async fn spublish(cluster: &TestCluster, channel: &str, payload: &str) -> TestResult {
+/// Publishes on the primary owning `channel` now (asked each time: it moves in these tests):
+/// `SPUBLISH` for the memory backend, `FCALL ssehub_publish` (which stores it and broadcasts
+/// it in its slot) for the redis backend.
+async fn publish(
+    cluster: &TestCluster,
+    backend: HistoryBackend,
+    channel: &str,
+    payload: &str,
+) -> TestResult {
     let owner = cluster.owner_of_slot(key_slot(channel)).await?;
-    let _: i64 = query(owner, redis::cmd("SPUBLISH").arg(channel).arg(payload)).await?;
+    match backend {
+        HistoryBackend::Memory => {
+            let _: i64 = query(owner, redis::cmd("SPUBLISH").arg(channel).arg(payload)).await?;
+        }
+        HistoryBackend::Redis => {
+            let _: String = query(
+                owner,
+                redis::cmd("FCALL")
+                    .arg("ssehub_publish")
+                    .arg(1)
+                    .arg(channel)
+                    .arg(payload),
+            )
+            .await?;
+        }
+    }
     Ok(())
 }
 
@@ -54,6 +76,9 @@ struct Seen {
     resets: Vec<(String, Vec<String>)>,
     /// When the first payload starting with the marker arrived.
     first_marked: Option<Instant>,
+    /// The numbers Redis acknowledged for this client's channel.
+    acknowledged: Vec<u64>,
+    last_event_id: Option<String>,
 }
 
 /// Publishes `<channel>-<n>` on every channel (one client per channel) round after round
@@ -61,14 +86,18 @@ struct Seen {
 /// reading between rounds.
 async fn publish_and_read(
     cluster: &TestCluster,
+    backend: HistoryBackend,
     clients: &mut [(String, SseClient, Seen)],
     rounds: std::ops::Range<u64>,
     marker_from: Option<u64>,
 ) -> TestResult {
     for round in rounds {
-        for (channel, _, _) in clients.iter() {
+        for (channel, _, seen) in clients.iter_mut() {
             // Publishing fails while the shard's primary is down: that round is lost for it.
-            let _ = spublish(cluster, channel, &format!("{channel}-{round}")).await;
+            let payload = format!("{channel}-{round}");
+            if publish(cluster, backend, channel, &payload).await.is_ok() {
+                seen.acknowledged.push(round);
+            }
         }
         for (_, client, seen) in clients.iter_mut() {
             while let Ok(block) = client.next_block_within(Duration::from_millis(20)).await {
@@ -89,6 +118,7 @@ async fn publish_and_read(
                     seen.first_marked = Some(Instant::now());
                 }
                 seen.data.push(block.data().to_string());
+                seen.last_event_id = block.id.clone();
             }
         }
     }
@@ -105,6 +135,7 @@ enum Fault {
 /// its channel is interrupted (memory backend: one `upstream_interrupted`), on the
 /// multi-channel stream too, and it is served again by the new primary.
 async fn a_fault_interrupts_only_its_shard(fault: Fault) -> TestResult {
+    let backend = HistoryBackend::Memory;
     let mut cluster = shared_cluster().await?;
     let gateway = TestGateway::start_ready(cluster_settings(&cluster)).await?;
     let shards = cluster.channels_on_each_shard(1).await?;
@@ -116,7 +147,7 @@ async fn a_fault_interrupts_only_its_shard(fault: Fault) -> TestResult {
     }
     let all: Vec<String> = channels.iter().map(|c| format!("channel={c}")).collect();
     let mut everything = gateway.subscribe(&all.join("&")).await?;
-    publish_and_read(&cluster, &mut clients, 0..5, None).await?;
+    publish_and_read(&cluster, backend, &mut clients, 0..5, None).await?;
     for (channel, _, seen) in &clients {
         assert_eq!(seen.data.len(), 5, "{channel}: {seen:?}");
     }
@@ -145,6 +176,7 @@ async fn a_fault_interrupts_only_its_shard(fault: Fault) -> TestResult {
     while clients[0].2.first_marked.is_none() && fault_at.elapsed() < TOPOLOGY_PATIENCE {
         publish_and_read(
             &cluster,
+            backend,
             &mut clients,
             marker + round..marker + round + 1,
             Some(marker),
@@ -205,6 +237,7 @@ async fn a_cluster_failover_interrupts_only_its_shards_channels() -> TestResult 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migrated_slot_moves_only_its_channel() -> TestResult {
+    let backend = HistoryBackend::Memory;
     let cluster = shared_cluster().await?;
     let gateway = TestGateway::start_ready(cluster_settings(&cluster)).await?;
     let shards = cluster.channels_on_each_shard(1).await?;
@@ -214,7 +247,7 @@ async fn a_migrated_slot_moves_only_its_channel() -> TestResult {
         let client = gateway.subscribe(&format!("channel={channel}")).await?;
         clients.push((channel, client, Seen::default()));
     }
-    publish_and_read(&cluster, &mut clients, 0..3, None).await?;
+    publish_and_read(&cluster, backend, &mut clients, 0..3, None).await?;
 
     let moving = clients[0].0.clone();
     let target = shards[1].0;
@@ -225,6 +258,7 @@ async fn a_migrated_slot_moves_only_its_channel() -> TestResult {
     while clients[0].2.first_marked.is_none() && fault_at.elapsed() < TOPOLOGY_PATIENCE {
         publish_and_read(
             &cluster,
+            backend,
             &mut clients,
             marker + round..marker + round + 1,
             Some(marker),
@@ -249,5 +283,198 @@ async fn a_migrated_slot_moves_only_its_channel() -> TestResult {
             "{channel}: {seen:?}"
         );
     }
+    gateway.stop().await
+}
+
+fn redis_backend_settings_for(cluster: &TestCluster) -> Settings {
+    let mut settings = cluster_settings(cluster);
+    settings.history.backend = HistoryBackend::Redis;
+    settings
+}
+
+/// Redis backend: a killed primary whose replica had everything, then a slot migrated. The
+/// channels of the faulty shard get every event Redis acknowledged, in order, with no reset;
+/// the others are untouched; a stream over every shard resumes with its one id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_history_failovers_and_slot_moves_cost_clients_nothing() -> TestResult {
+    let backend = HistoryBackend::Redis;
+    let mut cluster = shared_cluster().await?;
+    let gateway = TestGateway::start_ready(redis_backend_settings_for(&cluster)).await?;
+    let shards = cluster.channels_on_each_shard(1).await?;
+    let channels: Vec<String> = shards.iter().map(|(_, names)| names[0].clone()).collect();
+    let mut clients = Vec::new();
+    for channel in &channels {
+        let client = gateway.subscribe(&format!("channel={channel}")).await?;
+        clients.push((channel.clone(), client, Seen::default()));
+    }
+    let all: Vec<String> = channels.iter().map(|c| format!("channel={c}")).collect();
+    let all = format!("/events?{}", all.join("&"));
+    let mut everything = vec![(
+        "all".to_string(),
+        SseClient::open(gateway.addr, &all, &[]).await?.1,
+        Seen::default(),
+    )];
+    publish_and_read(&cluster, backend, &mut clients, 0..5, None).await?;
+
+    // Everything written so far is on the replica too: this failover loses nothing.
+    let victim = shards[0].0;
+    let _: i64 = query(victim, redis::cmd("WAIT").arg(1).arg(2000)).await?;
+    let fault_at = Instant::now();
+    cluster.kill_node(victim).await?;
+    let new_primary = cluster.wait_for_failover_of(victim).await?;
+    let marker = 1_000;
+    let mut round = 0;
+    while clients[0].2.first_marked.is_none() && fault_at.elapsed() < TOPOLOGY_PATIENCE {
+        publish_and_read(
+            &cluster,
+            backend,
+            &mut clients,
+            marker + round..marker + round + 1,
+            Some(marker),
+        )
+        .await?;
+        round += 1;
+    }
+    let back = clients[0]
+        .2
+        .first_marked
+        .ok_or("the killed shard's channel never came back")?;
+    println!(
+        "cluster, redis history, primary :{victim} killed: its channel served again by \
+         :{new_primary} {:?} after the kill",
+        back - fault_at
+    );
+
+    // A slot moves under the second shard's channel.
+    let moving = channels[1].clone();
+    let target = shards[2].0;
+    let moved_at = Instant::now();
+    cluster.migrate_slot(key_slot(&moving), target).await?;
+    let marker = 2_000;
+    clients[1].2.first_marked = None;
+    let mut round = 0;
+    while clients[1].2.first_marked.is_none() && moved_at.elapsed() < TOPOLOGY_PATIENCE {
+        publish_and_read(
+            &cluster,
+            backend,
+            &mut clients,
+            marker + round..marker + round + 1,
+            Some(marker),
+        )
+        .await?;
+        round += 1;
+    }
+    let back = clients[1]
+        .2
+        .first_marked
+        .ok_or("the moved channel never came back")?;
+    println!(
+        "cluster, redis history, slot migrated: its channel served again {:?} after the move",
+        back - moved_at
+    );
+
+    // Every acknowledged event arrived, in order, with no reset, on every channel.
+    publish_and_read(&cluster, backend, &mut clients, 3_000..3_001, None).await?;
+    for (channel, _, seen) in &clients {
+        assert!(seen.resets.is_empty(), "{channel}: {seen:?}");
+        let numbers: Vec<u64> = seen
+            .data
+            .iter()
+            .filter_map(|d| d.rsplit_once('-').and_then(|(_, n)| n.parse().ok()))
+            .collect();
+        assert_eq!(numbers, seen.acknowledged, "{channel}");
+    }
+    // The stream over every shard saw all of it too, and resumes from its one id.
+    let (_, all_client, all_seen) = &mut everything[0];
+    while let Ok(block) = all_client
+        .next_block_within(Duration::from_millis(300))
+        .await
+    {
+        if let Some(reset) = block.reset() {
+            all_seen.resets.push(reset);
+        } else if block.is_event() {
+            all_seen.data.push(block.data().to_string());
+            all_seen.last_event_id = block.id.clone();
+        }
+    }
+    assert!(all_seen.resets.is_empty(), "{all_seen:?}");
+    let expected: usize = clients.iter().map(|(_, _, s)| s.acknowledged.len()).sum();
+    assert_eq!(all_seen.data.len(), expected, "{all_seen:?}");
+    let last_id = all_seen.last_event_id.clone().ok_or("events carry ids")?;
+    let resume = [("Last-Event-ID", last_id.as_str())];
+    let (status, mut resumed) = SseClient::open(gateway.addr, &all, &resume).await?;
+    assert_eq!(status, 200);
+    for channel in &channels {
+        publish(&cluster, backend, channel, &format!("{channel}-4000")).await?;
+    }
+    let got = resumed.next_data(3).await?;
+    let mut want: Vec<String> = channels.iter().map(|c| format!("{c}-4000")).collect();
+    let mut got_sorted = got.clone();
+    got_sorted.sort();
+    want.sort();
+    assert_eq!(got_sorted, want);
+    gateway.stop().await
+}
+
+/// Redis backend: a failover that loses acknowledged writes (the replica was cut off, then
+/// took over). The clients saw those events; the gateway tells them `unknown_position` for
+/// that channel only, and new events get ids past the lost ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_history_writes_lost_in_a_takeover_reset_only_their_channel() -> TestResult {
+    let backend = HistoryBackend::Redis;
+    // A cluster of its own: the takeover leaves the old primary out of step for a while.
+    let cluster = TestCluster::start().await?;
+    let gateway = TestGateway::start_ready(redis_backend_settings_for(&cluster)).await?;
+    let shards = cluster.channels_on_each_shard(1).await?;
+    let channels: Vec<String> = shards.iter().map(|(_, names)| names[0].clone()).collect();
+    let all: Vec<String> = channels.iter().map(|c| format!("channel={c}")).collect();
+    let all = format!("/events?{}", all.join("&"));
+    let mut clients = vec![(
+        channels[0].clone(),
+        SseClient::open(gateway.addr, &all, &[]).await?.1,
+        Seen::default(),
+    )];
+    publish_and_read(&cluster, backend, &mut clients, 0..3, None).await?;
+
+    let victim = shards[0].0;
+    let lost: Vec<redis::Cmd> = (100..103)
+        .map(|n| {
+            let mut call = redis::cmd("FCALL");
+            call.arg("ssehub_publish")
+                .arg(1)
+                .arg(&channels[0])
+                .arg(format!("{}-{n}", channels[0]));
+            call
+        })
+        .collect();
+    let fault_at = Instant::now();
+    cluster.takeover_losing(victim, &lost).await?;
+    let marker = 1_000;
+    let mut round = 0;
+    while clients[0].2.first_marked.is_none() && fault_at.elapsed() < TOPOLOGY_PATIENCE {
+        publish_and_read(
+            &cluster,
+            backend,
+            &mut clients,
+            marker + round..marker + round + 1,
+            Some(marker),
+        )
+        .await?;
+        round += 1;
+    }
+    let back = clients[0]
+        .2
+        .first_marked
+        .ok_or("nothing delivered after the takeover")?;
+    println!(
+        "cluster, lossy takeover: served again {:?} after it",
+        back - fault_at
+    );
+    let seen = &clients[0].2;
+    assert!(seen.data.iter().any(|d| d.ends_with("-100")), "{seen:?}");
+    assert_eq!(
+        seen.resets,
+        vec![("unknown_position".to_string(), vec![channels[0].clone()])]
+    );
     gateway.stop().await
 }
