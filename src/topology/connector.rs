@@ -3,8 +3,11 @@
 //! primary the sentinels report, a cluster node the slot map names).
 //!
 //! Every Redis client of the gateway is made here, so that `redis.tls_*` applies to every
-//! connection (subscription, history, publisher, sentinels).
+//! connection (subscription, history, publisher, sentinels, the cluster client).
 
+use std::time::Duration;
+
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 
 /// Makes `redis::Client`s for the nodes of one deployment.
@@ -72,6 +75,45 @@ impl NodeConnector {
         };
         redis::Client::open(self.template.clone().set_addr(addr)).map_err(|e| e.to_string())
     }
+}
+
+/// A client for the Redis Cluster the `seeds` belong to (`redis.nodes`): it discovers the
+/// cluster from them and routes each command to the node that owns its key's slot. The seeds'
+/// scheme and credentials apply to every node (the redis crate takes them from the first seed
+/// and refuses seeds that differ); with `rediss://`, so does `tls` (CA, client certificate).
+/// `connect_timeout` and `response_timeout` bound each node connection and each reply.
+/// Connects nothing yet.
+pub(super) fn cluster_client(
+    seeds: &[String],
+    tls: Option<&redis::TlsCertificates>,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+) -> Result<ClusterClient, String> {
+    let seeds = seeds
+        .iter()
+        .map(|seed| seed.as_str().into_connection_info())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a valid Redis URL: {e}"))?;
+    let first_tls = seeds.first().and_then(|seed| match seed.addr() {
+        ConnectionAddr::TcpTls { insecure, .. } => Some(*insecure),
+        _ => None,
+    });
+    let mut builder = ClusterClientBuilder::new(seeds)
+        .connection_timeout(connect_timeout)
+        .response_timeout(response_timeout);
+    if let Some(insecure) = first_tls {
+        install_crypto_provider();
+        // Set before `certs`, which would otherwise make the mode `Secure` whatever the URL says.
+        builder = builder.tls(if insecure {
+            redis::TlsMode::Insecure
+        } else {
+            redis::TlsMode::Secure
+        });
+        if let Some(tls) = tls {
+            builder = builder.certs(tls.clone());
+        }
+    }
+    builder.build().map_err(|e| e.to_string())
 }
 
 /// Makes ring, the provider the gateway's own HTTPS uses, the process-wide rustls default:

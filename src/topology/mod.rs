@@ -1,6 +1,9 @@
 //! Where the gateway's Redis is (`redis.mode`), and how it finds the node to talk to.
 //!
 //! - `standalone`: the one server at `redis.url`.
+//! - `cluster`: the Redis Cluster that the seeds `redis.nodes` belong to, reached through the
+//!   redis crate's cluster client ([`Topology::cluster`]), which routes each command to the
+//!   owner of its key's slot and follows slot moves and failovers. There is no single primary.
 //! - `sentinel`: the primary that the sentinels (`redis.nodes`) report for
 //!   `redis.master_name`, reached with `redis.url`'s scheme, credentials and database. It is
 //!   asked for whenever the gateway (re)connects, checked with `ROLE` (a demoted primary that
@@ -48,6 +51,8 @@ pub struct Topology {
     connector: NodeConnector,
     /// Set in sentinel mode.
     sentinels: Option<Sentinels>,
+    /// Set in cluster mode: the client for the cluster, for commands routed by key.
+    cluster: Option<redis::cluster::ClusterClient>,
     /// The primary last announced by a sentinel (`None` until a failover is announced).
     announced: watch::Sender<Option<NodeAddress>>,
     connect_timeout: Duration,
@@ -59,20 +64,28 @@ impl Topology {
         let tls = settings.tls_certificates().map_err(|e| e.to_string())?;
         let connector = NodeConnector::new(&settings.url, tls.as_ref())?;
         let sentinels = match settings.mode {
-            RedisMode::Standalone => None,
+            RedisMode::Standalone | RedisMode::Cluster => None,
             RedisMode::Sentinel => Some(Sentinels::new(
                 &settings.nodes,
                 &settings.master_name,
                 &connector,
                 tls.as_ref(),
             )?),
-            RedisMode::Cluster => {
-                return Err("redis.mode = \"cluster\" is not available in this build yet".into())
-            }
         };
+        let cluster = (settings.mode == RedisMode::Cluster)
+            .then(|| {
+                connector::cluster_client(
+                    &settings.nodes,
+                    tls.as_ref(),
+                    Duration::from_secs(settings.connect_timeout_secs),
+                    Duration::from_secs(settings.command_timeout_secs),
+                )
+            })
+            .transpose()?;
         Ok(Arc::new(Topology {
             connector,
             sentinels,
+            cluster,
             announced: watch::channel(None).0,
             connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
         }))
@@ -86,8 +99,12 @@ impl Topology {
         }
     }
 
-    /// The node that takes writes and serves subscriptions now.
+    /// The node that takes writes and serves subscriptions now; an error in cluster mode,
+    /// where every shard has its own (see [`Topology::cluster`]).
     pub async fn primary(&self) -> Result<Primary, String> {
+        if self.cluster.is_some() {
+            return Err("a Redis Cluster has no single primary".to_string());
+        }
         match &self.sentinels {
             None => Ok(Primary {
                 client: self.connector.client()?,
@@ -95,6 +112,11 @@ impl Topology {
             }),
             Some(sentinels) => sentinels.primary(self.connect_timeout).await,
         }
+    }
+
+    /// The cluster client, in cluster mode.
+    pub fn cluster(&self) -> Option<&redis::cluster::ClusterClient> {
+        self.cluster.as_ref()
     }
 
     /// Announcements of a new primary: a connection to any other node should be replaced.
