@@ -123,3 +123,47 @@ fn install_crypto_provider() {
     // An error means a default is installed already, which is all we need.
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn seeds(urls: &[&str]) -> Vec<String> {
+        urls.iter().map(|url| url.to_string()).collect()
+    }
+
+    #[test]
+    fn a_cluster_client_takes_tls_seeds_with_the_configured_certificates() {
+        let tls = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(include_bytes!("../../tests/fixtures/tls_ca.pem").to_vec()),
+        };
+        let tls_seeds = seeds(&["rediss://:pw@127.0.0.1:7000", "rediss://:pw@127.0.0.1:7001"]);
+        assert!(cluster_client(&tls_seeds, Some(&tls), SECOND, SECOND).is_ok());
+        let plain = seeds(&["redis://127.0.0.1:7000"]);
+        assert!(cluster_client(&plain, None, SECOND, SECOND).is_ok());
+    }
+
+    /// Every node is reached with the first seed's scheme and credentials, so seeds that
+    /// differ are a configuration mistake the crate refuses (and start-up reports).
+    #[test]
+    fn a_cluster_client_refuses_seeds_that_differ_in_scheme_or_credentials() {
+        for urls in [
+            ["redis://127.0.0.1:7000", "rediss://127.0.0.1:7001"],
+            ["redis://:one@127.0.0.1:7000", "redis://:two@127.0.0.1:7001"],
+        ] {
+            let refused = cluster_client(&seeds(&urls), None, SECOND, SECOND);
+            let message = refused.err().unwrap_or_default();
+            assert!(
+                message.contains("Cannot use different"),
+                "{urls:?}: {message}"
+            );
+            assert!(
+                !message.contains("one") && !message.contains("two"),
+                "{message}"
+            );
+        }
+    }
+}
