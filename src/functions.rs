@@ -5,7 +5,8 @@
 //!
 //! Functions (see the Lua source for the exact replies):
 //! - `FCALL ssehub_publish 1 <channel> <payload> [<idempotency-key>]`: stores the event, assigns
-//!   its id, broadcasts it, and answers `"<epoch> <id>"`;
+//!   its id, broadcasts it (`PUBLISH`, or `SPUBLISH` in a Redis Cluster: [`Broadcast`]), and
+//!   answers `"<epoch> <id>"`;
 //! - `FCALL ssehub_position 1 <channel>`: the channel's current position, creating its epoch;
 //! - `FCALL_RO ssehub_read 1 <channel> <epoch> <id> <count>`: the events after a position, or
 //!   why they cannot be given (`history_expired`, `unknown_position`);
@@ -38,6 +39,40 @@ pub struct LibraryBounds {
     pub idempotency_ms: u64,
     /// Largest payload stored (`limits.max_payload_bytes`): larger ones are refused.
     pub max_payload_bytes: usize,
+    /// How the live broadcast is published (`redis.mode`).
+    pub broadcast: Broadcast,
+}
+
+/// The command the library broadcasts live events with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Broadcast {
+    /// `PUBLISH`: a standalone server or a Sentinel-managed primary.
+    Publish,
+    /// `SPUBLISH`: a Redis Cluster, where the broadcast stays in the shard that owns the
+    /// channel's slot (a plain `PUBLISH` would be relayed to every node over the cluster bus)
+    /// and the gateway subscribes with `SSUBSCRIBE` there. Redis takes it in a function
+    /// because the live channel hashes to the slot of the key the call declares.
+    Spublish,
+}
+
+impl Broadcast {
+    /// The broadcast of a Redis deployed as `mode`.
+    pub fn for_mode(mode: crate::config::RedisMode) -> Broadcast {
+        match mode {
+            crate::config::RedisMode::Cluster => Broadcast::Spublish,
+            crate::config::RedisMode::Standalone | crate::config::RedisMode::Sentinel => {
+                Broadcast::Publish
+            }
+        }
+    }
+
+    /// The Redis command.
+    pub fn command(self) -> &'static str {
+        match self {
+            Broadcast::Publish => "PUBLISH",
+            Broadcast::Spublish => "SPUBLISH",
+        }
+    }
 }
 
 /// Prefix of the keys of a channel whose name has a hash tag (`{...}`), which Redis Cluster
@@ -99,6 +134,7 @@ impl LibraryBounds {
                 .idempotency_window_secs
                 .saturating_mul(1000),
             max_payload_bytes: settings.limits.max_payload_bytes,
+            broadcast: Broadcast::for_mode(settings.redis.mode),
         }
     }
 }
@@ -111,6 +147,7 @@ pub fn library_source(bounds: &LibraryBounds) -> String {
         .replace("@KEY_TTL_MS@", &bounds.key_ttl_ms.to_string())
         .replace("@IDEMPOTENCY_MS@", &bounds.idempotency_ms.to_string())
         .replace("@MAX_PAYLOAD_BYTES@", &bounds.max_payload_bytes.to_string())
+        .replace("@BROADCAST@", bounds.broadcast.command())
 }
 
 /// What [`load_library`] did.
@@ -168,17 +205,58 @@ mod tests {
         assert_eq!(channel_of_live("ssehub:t:orders:live"), None);
     }
 
+    const BOUNDS: LibraryBounds = LibraryBounds {
+        capacity: 1000,
+        max_age_ms: 300_000,
+        key_ttl_ms: 86_400_000,
+        idempotency_ms: 300_000,
+        max_payload_bytes: 65_536,
+        broadcast: Broadcast::Publish,
+    };
+
     #[test]
     fn every_placeholder_is_filled() {
-        let source = library_source(&LibraryBounds {
-            capacity: 1000,
-            max_age_ms: 300_000,
-            key_ttl_ms: 86_400_000,
-            idempotency_ms: 300_000,
-            max_payload_bytes: 65_536,
-        });
+        let source = library_source(&BOUNDS);
         assert!(!source.contains('@'), "{source}");
         assert!(source.contains("local CAPACITY = 1000"));
         assert!(source.contains(&format!("local VERSION = {LIBRARY_VERSION}\n")));
+    }
+
+    /// The `redis.call` lines that broadcast, whatever the command.
+    fn broadcasts(source: &str) -> Vec<&str> {
+        source
+            .lines()
+            .filter(|line| line.contains("PUBLISH'"))
+            .map(str::trim)
+            .collect()
+    }
+
+    #[test]
+    fn the_live_broadcast_is_sharded_in_a_cluster_only() {
+        let cluster = LibraryBounds {
+            broadcast: Broadcast::Spublish,
+            ..BOUNDS
+        };
+        assert_eq!(
+            broadcasts(&library_source(&cluster)),
+            ["local LIVE_BROADCAST = 'SPUBLISH'"]
+        );
+        assert_eq!(
+            broadcasts(&library_source(&BOUNDS)),
+            ["local LIVE_BROADCAST = 'PUBLISH'"]
+        );
+        let mut settings = crate::config::Settings::default();
+        for (mode, broadcast) in [
+            (crate::config::RedisMode::Standalone, Broadcast::Publish),
+            (crate::config::RedisMode::Sentinel, Broadcast::Publish),
+            (crate::config::RedisMode::Cluster, Broadcast::Spublish),
+        ] {
+            settings.redis.mode = mode;
+            assert_eq!(
+                LibraryBounds::from_settings(&settings).broadcast,
+                broadcast,
+                "{mode:?}"
+            );
+        }
     }
 }

@@ -6,34 +6,45 @@
 //! failure it is dropped and the next publish opens a new one. It is not the subscription
 //! connection (`upstream` owns that one): a subscribed connection cannot send commands.
 //!
+//! In a Redis Cluster (`redis.mode = "cluster"`) that connection is the redis crate's cluster
+//! connection ([`Topology::cluster`]): every command declares a key or channel in the
+//! published channel's slot, so the client sends it to the shard that owns the channel (and
+//! follows `MOVED` when the slot moved), and the live broadcast is an `SPUBLISH` that stays in
+//! that shard, where the gateways `SSUBSCRIBE`.
+//!
 //! - `history.backend = "redis"`: `FCALL ssehub_publish 1 <channel> <payload> [<key>]`. Redis
 //!   assigns the id where it stores the event; the answer is the SSE id a one-channel stream
 //!   shows for it ([`crate::position::single_channel_id`]). When Redis no longer has the
-//!   function (restarted without persistence, `FUNCTION FLUSH`), the library is loaded again
-//!   and the call retried once.
-//! - `history.backend = "memory"`: the payload is `PUBLISH`ed on the channel, like any
-//!   backend's publish, so every instance on that Redis serves it. Each instance numbers the
+//!   function (restarted without persistence, `FUNCTION FLUSH`; in a cluster also a new
+//!   primary, or one a slot moved to), the library is loaded again (in a cluster on every
+//!   primary: `FUNCTION LOAD` is routed to all of them) and the call retried once.
+//! - `history.backend = "memory"`: the payload is `PUBLISH`ed (`SPUBLISH`ed in a cluster) on the
+//!   channel, like any backend's publish, so every instance on that Redis serves it. Each
+//!   instance numbers the
 //!   events it receives itself, so the answer cannot be an SSE id: it is an opaque publish id,
 //!   unique across the fleet ([`new_publish_id`]).
 //!
 //! An idempotency key makes a repeat within the window (same key, same channel, any instance)
 //! publish nothing and answer the first publish's id. With the memory backend the record and
-//! the `PUBLISH` are one script, so two concurrent repeats cannot both publish.
+//! the `PUBLISH` are one script, so two concurrent repeats cannot both publish; the record is
+//! in the channel's slot, which is what lets the script `SPUBLISH` in a cluster.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use std::sync::Arc;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
 use tokio::sync::Mutex;
 
 use crate::config::{HistoryBackend, Settings};
-use crate::functions::{self, LibraryBounds};
+use crate::functions::{self, Broadcast, LibraryBounds};
 use crate::topology::{NodeAddress, Topology};
 
 /// The memory backend's publish: the idempotency record (when the request has a key, as
-/// `KEYS[1]`) and the `PUBLISH`, atomically. ARGV: channel, payload, window in ms, new id.
-/// Answers the id of the publish that happened: the new one, or the recorded one.
+/// `KEYS[1]`) and the `PUBLISH` (`@PUBLISH@`: [`Broadcast::command`]), atomically. ARGV:
+/// channel, payload, window in ms, new id. Answers the id of the publish that happened: the
+/// new one, or the recorded one.
 const MEMORY_PUBLISH_SCRIPT: &str = r"
 if #KEYS == 1 then
   local earlier = redis.call('GET', KEYS[1])
@@ -42,9 +53,18 @@ if #KEYS == 1 then
   end
   redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[3])
 end
-redis.call('PUBLISH', ARGV[1], ARGV[2])
+redis.call('@PUBLISH@', ARGV[1], ARGV[2])
 return ARGV[4]
 ";
+
+/// The shared command connection.
+#[derive(Clone)]
+enum Connection {
+    /// To the one primary (standalone, or the one the sentinels report).
+    Node(MultiplexedConnection),
+    /// To a Redis Cluster: each command goes to the shard its key names.
+    Cluster(ClusterConnection),
+}
 
 /// Why a publish did not happen.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -65,10 +85,13 @@ pub enum PublishError {
 pub struct Publisher {
     /// Where the primary is.
     topology: Arc<Topology>,
-    /// The shared command connection with the node it is connected to; `None` until the
-    /// first publish and after a failure.
-    connection: Mutex<Option<(Option<NodeAddress>, MultiplexedConnection)>>,
+    /// The shared command connection with the node it is connected to (`None` for a
+    /// cluster); `None` until the first publish and after a failure.
+    connection: Mutex<Option<(Option<NodeAddress>, Connection)>>,
     backend: HistoryBackend,
+    /// `PUBLISH`, or `SPUBLISH` in a cluster (memory backend; the library has its own copy in
+    /// `bounds`).
+    broadcast: Broadcast,
     /// Bounds the library is (re)loaded with (redis backend).
     bounds: LibraryBounds,
     /// How long an idempotency key is remembered, in ms (memory backend; the library has its
@@ -95,6 +118,7 @@ impl Publisher {
             topology,
             connection: Mutex::new(None),
             backend: settings.history.backend,
+            broadcast: Broadcast::for_mode(settings.redis.mode),
             bounds: LibraryBounds::from_settings(settings),
             idempotency_ms: settings
                 .publish
@@ -102,7 +126,10 @@ impl Publisher {
                 .saturating_mul(1000),
             connect_timeout: Duration::from_secs(settings.redis.connect_timeout_secs),
             command_timeout: Duration::from_secs(settings.redis.command_timeout_secs),
-            memory_script: redis::Script::new(MEMORY_PUBLISH_SCRIPT),
+            memory_script: redis::Script::new(&MEMORY_PUBLISH_SCRIPT.replace(
+                "@PUBLISH@",
+                Broadcast::for_mode(settings.redis.mode).command(),
+            )),
         }
     }
 
@@ -115,20 +142,17 @@ impl Publisher {
         payload: &[u8],
         idempotency_key: Option<&str>,
     ) -> Result<String, PublishError> {
+        if let Some(refusal) = self.refusal(channel, idempotency_key) {
+            return Err(refusal);
+        }
         let attempt = async {
-            let mut connection = self.connection().await?;
-            let published = match self.backend {
-                HistoryBackend::Redis => {
-                    self.publish_through_function(
-                        &mut connection,
-                        channel,
-                        payload,
-                        idempotency_key,
-                    )
-                    .await
+            let published = match self.connection().await? {
+                Connection::Node(mut node) => {
+                    self.publish_on(&mut node, channel, payload, idempotency_key)
+                        .await
                 }
-                HistoryBackend::Memory => {
-                    self.publish_live(&mut connection, channel, payload, idempotency_key)
+                Connection::Cluster(mut cluster) => {
+                    self.publish_on(&mut cluster, channel, payload, idempotency_key)
                         .await
                 }
             };
@@ -147,26 +171,56 @@ impl Publisher {
         }
     }
 
+    /// A publish refused before Redis is asked: in a cluster, an idempotency record of the
+    /// memory backend must be in the channel's slot, which a name with a `}` but no hash tag
+    /// cannot give (see [`memory_idempotency_record`]).
+    fn refusal(&self, channel: &str, idempotency_key: Option<&str>) -> Option<PublishError> {
+        let sharded = self.broadcast == Broadcast::Spublish;
+        (sharded
+            && self.backend == HistoryBackend::Memory
+            && idempotency_key.is_some()
+            && functions::key_base(channel).is_none())
+        .then(|| {
+            PublishError::Rejected(format!(
+                "channel {channel:?}: in a Redis Cluster, an Idempotency-Key needs a channel \
+                 name without `}}` or with a {{hash tag}}"
+            ))
+        })
+    }
+
     /// The shared connection, opened if there is none or the primary moved since it was.
-    async fn connection(&self) -> Result<MultiplexedConnection, PublishError> {
+    async fn connection(&self) -> Result<Connection, PublishError> {
         let mut slot = self.connection.lock().await;
         if let Some((node, connection)) = slot.as_ref() {
             if !self.topology.moved_from(node) {
                 return Ok(connection.clone());
             }
         }
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.command_timeout));
         let unavailable =
             |e: String| PublishError::Unavailable(format!("cannot connect to Redis: {e}"));
-        let primary = self.topology.primary().await.map_err(unavailable)?;
-        let connection = primary
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
-        *slot = Some((primary.address, connection.clone()));
+        let (node, connection) = match self.topology.cluster() {
+            // The client's own timeouts are those of `[redis]` (see `Topology::new`).
+            Some(cluster) => {
+                let connection = cluster
+                    .get_async_connection()
+                    .await
+                    .map_err(|e| unavailable(e.to_string()))?;
+                (None, Connection::Cluster(connection))
+            }
+            None => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.connect_timeout))
+                    .set_response_timeout(Some(self.command_timeout));
+                let primary = self.topology.primary().await.map_err(unavailable)?;
+                let connection = primary
+                    .client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map_err(|e| unavailable(e.to_string()))?;
+                (primary.address, Connection::Node(connection))
+            }
+        };
+        *slot = Some((node, connection.clone()));
         Ok(connection)
     }
 
@@ -178,10 +232,30 @@ impl Publisher {
         }
     }
 
+    /// Publishes with the configured backend on `connection`.
+    async fn publish_on(
+        &self,
+        connection: &mut (impl ConnectionLike + Send),
+        channel: &str,
+        payload: &[u8],
+        idempotency_key: Option<&str>,
+    ) -> Result<String, Failure> {
+        match self.backend {
+            HistoryBackend::Redis => {
+                self.publish_through_function(connection, channel, payload, idempotency_key)
+                    .await
+            }
+            HistoryBackend::Memory => {
+                self.publish_live(connection, channel, payload, idempotency_key)
+                    .await
+            }
+        }
+    }
+
     /// `ssehub_publish`, loading the library first when Redis does not have it.
     async fn publish_through_function(
         &self,
-        connection: &mut MultiplexedConnection,
+        connection: &mut (impl ConnectionLike + Send),
         channel: &str,
         payload: &[u8],
         idempotency_key: Option<&str>,
@@ -203,11 +277,23 @@ impl Publisher {
     /// `PUBLISH` with the idempotency record, in one script.
     async fn publish_live(
         &self,
-        connection: &mut MultiplexedConnection,
+        connection: &mut (impl ConnectionLike + Send),
         channel: &str,
         payload: &[u8],
         idempotency_key: Option<&str>,
     ) -> Result<String, Failure> {
+        if self.broadcast == Broadcast::Spublish && idempotency_key.is_none() {
+            // No record to keep: the command itself names the channel, which is all the
+            // cluster client needs to send it to the shard that owns the channel's slot (a
+            // script declaring no key would go to a random node, which refuses a channel it
+            // does not own).
+            redis::cmd("SPUBLISH")
+                .arg(channel)
+                .arg(payload)
+                .query_async::<i64>(connection)
+                .await?;
+            return Ok(new_publish_id());
+        }
         let mut invocation = self.memory_script.prepare_invoke();
         if let Some(key) = idempotency_key {
             invocation.key(memory_idempotency_record(channel, key));
@@ -259,7 +345,7 @@ impl From<redis::RedisError> for Failure {
 }
 
 async fn call_publish(
-    connection: &mut MultiplexedConnection,
+    connection: &mut (impl ConnectionLike + Send),
     channel: &str,
     payload: &[u8],
     idempotency_key: Option<&str>,

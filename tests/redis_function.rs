@@ -6,7 +6,7 @@ mod support;
 
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
-use ssehub::functions::{load_library, LibraryBounds, Loaded, LIBRARY_VERSION};
+use ssehub::functions::{load_library, Broadcast, LibraryBounds, Loaded, LIBRARY_VERSION};
 use support::*;
 use tokio_stream::StreamExt;
 
@@ -16,6 +16,7 @@ const BOUNDS: LibraryBounds = LibraryBounds {
     key_ttl_ms: 86_400_000,
     idempotency_ms: 300_000,
     max_payload_bytes: 1024,
+    broadcast: Broadcast::Publish,
 };
 
 async fn with_library(redis: &TestRedis) -> TestResult<MultiplexedConnection> {

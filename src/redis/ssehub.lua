@@ -8,7 +8,9 @@
 --   base..":h"    stream of events; fields p (payload), v (the previous id, "" for the first)
 --   base..":m"    hash; e (epoch), l (last id)
 --   base..":i:K:<length of K>"  idempotency record of key K: the position it published
--- Live events go out on base..":live" as "<epoch> <id> <prev>\n<payload>".
+-- Live events go out on base..":live" as "<epoch> <id> <prev>\n<payload>", with SPUBLISH in a
+-- Redis Cluster (the live channel hashes to the declared key's slot, so Redis takes it in a
+-- function, and the message stays in that shard) and PUBLISH otherwise.
 --
 -- Ids are stream ids from XADD * (milliseconds-sequence), so they grow with the clock: ids lost
 -- with a failover are not handed out again for other events. The epoch changes whenever the
@@ -22,6 +24,7 @@ local MAX_AGE_MS = @MAX_AGE_MS@
 local KEY_TTL_MS = @KEY_TTL_MS@
 local IDEMPOTENCY_MS = @IDEMPOTENCY_MS@
 local MAX_PAYLOAD_BYTES = @MAX_PAYLOAD_BYTES@
+local LIVE_BROADCAST = '@BROADCAST@'
 local MAX_IDEMPOTENCY_KEY_BYTES = 128
 
 local function base_of(channel)
@@ -113,7 +116,7 @@ local function publish(keys, args)
   if record then
     redis.call('SET', record, position, 'PX', IDEMPOTENCY_MS)
   end
-  redis.call('PUBLISH', base .. ':live', position .. ' ' .. prev .. '\n' .. payload)
+  redis.call(LIVE_BROADCAST, base .. ':live', position .. ' ' .. prev .. '\n' .. payload)
   return position
 end
 

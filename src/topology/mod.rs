@@ -1,6 +1,9 @@
 //! Where the gateway's Redis is (`redis.mode`), and how it finds the node to talk to.
 //!
 //! - `standalone`: the one server at `redis.url`.
+//! - `cluster`: the Redis Cluster that the seeds `redis.nodes` belong to, reached through the
+//!   redis crate's cluster client ([`Topology::cluster`]), which routes each command to the
+//!   owner of its key's slot and follows slot moves and failovers. There is no single primary.
 //! - `sentinel`: the primary that the sentinels (`redis.nodes`) report for
 //!   `redis.master_name`, reached with `redis.url`'s scheme, credentials and database. It is
 //!   asked for whenever the gateway (re)connects, checked with `ROLE` (a demoted primary that
@@ -51,6 +54,8 @@ pub struct Topology {
     sentinels: Option<Sentinels>,
     /// Cluster mode: the seed nodes, one connector each (empty otherwise).
     seeds: Vec<NodeConnector>,
+    /// Set in cluster mode: the client for the cluster, for commands routed by key.
+    cluster: Option<redis::cluster::ClusterClient>,
     /// The primary last announced by a sentinel (`None` until a failover is announced).
     announced: watch::Sender<Option<NodeAddress>>,
     connect_timeout: Duration,
@@ -75,19 +80,29 @@ impl Topology {
             None => NodeConnector::new(&settings.url, tls.as_ref())?,
         };
         let sentinels = match settings.mode {
-            RedisMode::Standalone => None,
+            RedisMode::Standalone | RedisMode::Cluster => None,
             RedisMode::Sentinel => Some(Sentinels::new(
                 &settings.nodes,
                 &settings.master_name,
                 &connector,
                 tls.as_ref(),
             )?),
-            RedisMode::Cluster => None,
         };
+        let cluster = (settings.mode == RedisMode::Cluster)
+            .then(|| {
+                connector::cluster_client(
+                    &settings.nodes,
+                    tls.as_ref(),
+                    Duration::from_secs(settings.connect_timeout_secs),
+                    Duration::from_secs(settings.command_timeout_secs),
+                )
+            })
+            .transpose()?;
         Ok(Arc::new(Topology {
             connector,
             sentinels,
             seeds,
+            cluster,
             announced: watch::channel(None).0,
             connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
         }))
@@ -101,8 +116,12 @@ impl Topology {
         }
     }
 
-    /// The node that takes writes and serves subscriptions now.
+    /// The node that takes writes and serves subscriptions now; an error in cluster mode,
+    /// where every shard has its own (see [`Topology::cluster`]).
     pub async fn primary(&self) -> Result<Primary, String> {
+        if self.cluster.is_some() {
+            return Err("a Redis Cluster has no single primary".to_string());
+        }
         match &self.sentinels {
             None => Ok(Primary {
                 client: self.connector.client()?,
@@ -120,6 +139,11 @@ impl Topology {
     /// A client for the node at `address`, reached like every node of the deployment.
     pub fn node(&self, address: &NodeAddress) -> Result<redis::Client, String> {
         self.connector.client_at(&address.0, address.1)
+    }
+
+    /// The cluster client, in cluster mode.
+    pub fn cluster(&self) -> Option<&redis::cluster::ClusterClient> {
+        self.cluster.as_ref()
     }
 
     /// Announcements of a new primary: a connection to any other node should be replaced.
