@@ -309,7 +309,7 @@ async fn with_redis_history_failovers_and_slot_moves_cost_clients_nothing() -> T
     }
     let all: Vec<String> = channels.iter().map(|c| format!("channel={c}")).collect();
     let all = format!("/events?{}", all.join("&"));
-    let mut everything = vec![(
+    let mut everything = [(
         "all".to_string(),
         SseClient::open(gateway.addr, &all, &[]).await?.1,
         Seen::default(),
