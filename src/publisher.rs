@@ -114,11 +114,12 @@ impl std::fmt::Debug for Publisher {
 impl Publisher {
     /// A publisher on `topology`'s primary, configured from `settings`. Connects nothing yet.
     pub fn new(topology: Arc<Topology>, settings: &Settings) -> Publisher {
+        let broadcast = Broadcast::for_mode(settings.redis.mode);
         Publisher {
             topology,
             connection: Mutex::new(None),
             backend: settings.history.backend,
-            broadcast: Broadcast::for_mode(settings.redis.mode),
+            broadcast,
             bounds: LibraryBounds::from_settings(settings),
             idempotency_ms: settings
                 .publish
@@ -126,10 +127,9 @@ impl Publisher {
                 .saturating_mul(1000),
             connect_timeout: Duration::from_secs(settings.redis.connect_timeout_secs),
             command_timeout: Duration::from_secs(settings.redis.command_timeout_secs),
-            memory_script: redis::Script::new(&MEMORY_PUBLISH_SCRIPT.replace(
-                "@PUBLISH@",
-                Broadcast::for_mode(settings.redis.mode).command(),
-            )),
+            memory_script: redis::Script::new(
+                &MEMORY_PUBLISH_SCRIPT.replace("@PUBLISH@", broadcast.command()),
+            ),
         }
     }
 
@@ -263,6 +263,11 @@ impl Publisher {
         let position = match call_publish(connection, channel, payload, idempotency_key).await {
             Err(e) if is_missing_function(&e) => {
                 tracing::info!("the ssehub function library is missing in Redis: loading it");
+                // In a cluster the version check asks one primary (the client's choice) and
+                // `FUNCTION LOAD` goes to every primary of the client's slot map. The `MOVED`
+                // that led to a new owner makes the client refresh that map, normally before
+                // the load is sent; should the load still miss the new owner, this publish
+                // answers 503 and the next one loads the library there.
                 functions::load_library(connection, &self.bounds).await?;
                 call_publish(connection, channel, payload, idempotency_key).await?
             }
