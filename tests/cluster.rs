@@ -283,9 +283,10 @@ fn redis_backend_settings_for(cluster: &TestCluster) -> Settings {
     settings
 }
 
-/// Redis backend: a killed primary whose replica had everything, then a slot migrated. The
-/// channels of the faulty shard get every event Redis acknowledged, in order, with no reset;
-/// the others are untouched; a stream over every shard resumes with its one id.
+/// Redis backend: a killed primary whose replica had everything, a slot migrated, then a
+/// `CLUSTER FAILOVER`. The channels of the faulty shards get every event Redis acknowledged,
+/// in order, with no reset; the others are untouched; a stream over every shard keeps one
+/// complete position through all of it and resumes from its one id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_history_failovers_and_slot_moves_cost_clients_nothing() -> TestResult {
     let backend = HistoryBackend::Redis;
@@ -332,6 +333,19 @@ async fn with_redis_history_failovers_and_slot_moves_cost_clients_nothing() -> T
     println!(
         "cluster, redis history, slot migrated: its channel served again {:?} after the move",
         back - moved_at
+    );
+
+    // A planned failover of the shard that now serves the second and third channels.
+    let replica = cluster.replica_of(target).await?;
+    let failover_at = Instant::now();
+    cluster.failover(replica).await?;
+    let marker = 2_500;
+    clients[2].2.first_marked = None;
+    let back =
+        publish_until_served(&cluster, backend, &mut clients, 2, marker, failover_at).await?;
+    println!(
+        "cluster, redis history, CLUSTER FAILOVER: its channels served again {:?} after it",
+        back - failover_at
     );
 
     // Every acknowledged event arrived, in order, with no reset, on every channel.
