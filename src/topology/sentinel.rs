@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -12,6 +13,8 @@ use crate::config::redact_url;
 
 /// Pause before a sentinel whose subscription dropped is tried again.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
+/// How often a sentinel subscription is PINGed.
+const SENTINEL_PING: Duration = Duration::from_secs(5);
 
 /// The sentinels of one primary.
 #[derive(Debug)]
@@ -175,13 +178,28 @@ async fn follow(
         pubsub.subscribe("+switch-master").await?;
         Ok::<_, redis::RedisError>(pubsub)
     };
-    let mut pubsub = match tokio::time::timeout(timeout, subscribe).await {
+    let pubsub = match tokio::time::timeout(timeout, subscribe).await {
         Ok(Ok(pubsub)) => pubsub,
         Ok(Err(e)) => return format!("subscribe failed: {e}"),
         Err(_) => return format!("subscribe timed out after {timeout:?}"),
     };
-    let mut messages = pubsub.on_message();
-    while let Some(message) = messages.next().await {
+    let (mut sink, mut messages) = pubsub.split();
+    // PINGed, so a half-open connection to a sentinel is noticed and replaced.
+    let mut ping = tokio::time::interval_at(Instant::now() + SENTINEL_PING, SENTINEL_PING);
+    loop {
+        let message = tokio::select! {
+            message = messages.next() => match message {
+                Some(message) => message,
+                None => break,
+            },
+            _ = ping.tick() => {
+                match tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => return format!("PING failed: {e}"),
+                    Err(_) => return format!("PING timed out after {timeout:?}"),
+                }
+            }
+        };
         let text = String::from_utf8_lossy(message.get_payload_bytes()).into_owned();
         let Some(primary) = switched_to(&text, master_name) else {
             continue;
