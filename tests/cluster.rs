@@ -7,37 +7,11 @@ mod support;
 
 use std::time::Duration;
 
-use ssehub::config::{HistoryBackend, RedisMode, Settings};
+use ssehub::config::HistoryBackend;
 use support::topology::{key_slot, query, TestCluster, TOPOLOGY_PATIENCE};
+use support::topology_settings::{cluster_settings, shared_cluster};
 use support::*;
-use tokio::sync::{Mutex, MutexGuard, OnceCell};
 use tokio::time::Instant;
-
-static CLUSTER: OnceCell<Mutex<TestCluster>> = OnceCell::const_new();
-
-/// The cluster the tests of this file share, healed from the previous test's faults.
-async fn shared_cluster() -> TestResult<MutexGuard<'static, TestCluster>> {
-    let cell = CLUSTER
-        .get_or_try_init(|| async { TestCluster::start().await.map(Mutex::new) })
-        .await?;
-    let mut cluster = cell.lock().await;
-    cluster.heal().await?;
-    Ok(cluster)
-}
-
-fn cluster_settings(cluster: &TestCluster) -> Settings {
-    let mut settings = Settings::default();
-    settings.redis.mode = RedisMode::Cluster;
-    settings.redis.nodes = cluster.seed_urls();
-    settings.redis.reconnect_initial_ms = 50;
-    settings.redis.reconnect_max_ms = 500;
-    settings.redis.ping_interval_secs = 1;
-    settings.redis.command_timeout_secs = 2;
-    settings.redis.connect_timeout_secs = 2;
-    settings.channels.public = vec!["*".to_string()];
-    settings.server.shutdown_grace_secs = 5;
-    settings
-}
 
 /// Publishes on the primary owning `channel` now (asked each time: it moves in these tests):
 /// `SPUBLISH` for the memory backend, `FCALL ssehub_publish` (which stores it and broadcasts
@@ -157,7 +131,8 @@ enum Fault {
 async fn a_fault_interrupts_only_its_shard(fault: Fault) -> TestResult {
     let backend = HistoryBackend::Memory;
     let mut cluster = shared_cluster().await?;
-    let gateway = TestGateway::start_ready(cluster_settings(&cluster)).await?;
+    let gateway =
+        TestGateway::start_ready(cluster_settings(&cluster, HistoryBackend::Memory)).await?;
     let shards = cluster.channels_on_each_shard(1).await?;
     let channels: Vec<String> = shards.iter().map(|(_, names)| names[0].clone()).collect();
     let mut clients = Vec::new();
@@ -244,7 +219,8 @@ async fn a_cluster_failover_interrupts_only_its_shards_channels() -> TestResult 
 async fn a_migrated_slot_moves_only_its_channel() -> TestResult {
     let backend = HistoryBackend::Memory;
     let cluster = shared_cluster().await?;
-    let gateway = TestGateway::start_ready(cluster_settings(&cluster)).await?;
+    let gateway =
+        TestGateway::start_ready(cluster_settings(&cluster, HistoryBackend::Memory)).await?;
     let shards = cluster.channels_on_each_shard(1).await?;
     let mut clients = Vec::new();
     for (_, names) in &shards {
@@ -277,12 +253,6 @@ async fn a_migrated_slot_moves_only_its_channel() -> TestResult {
     gateway.stop().await
 }
 
-fn redis_backend_settings_for(cluster: &TestCluster) -> Settings {
-    let mut settings = cluster_settings(cluster);
-    settings.history.backend = HistoryBackend::Redis;
-    settings
-}
-
 /// Redis backend: a killed primary whose replica had everything, a slot migrated, then a
 /// `CLUSTER FAILOVER`. The channels of the faulty shards get every event Redis acknowledged,
 /// in order, with no reset; the others are untouched; a stream over every shard keeps one
@@ -291,7 +261,8 @@ fn redis_backend_settings_for(cluster: &TestCluster) -> Settings {
 async fn with_redis_history_failovers_and_slot_moves_cost_clients_nothing() -> TestResult {
     let backend = HistoryBackend::Redis;
     let mut cluster = shared_cluster().await?;
-    let gateway = TestGateway::start_ready(redis_backend_settings_for(&cluster)).await?;
+    let gateway =
+        TestGateway::start_ready(cluster_settings(&cluster, HistoryBackend::Redis)).await?;
     let shards = cluster.channels_on_each_shard(1).await?;
     let channels: Vec<String> = shards.iter().map(|(_, names)| names[0].clone()).collect();
     let mut clients = Vec::new();
@@ -399,7 +370,8 @@ async fn with_redis_history_writes_lost_in_a_takeover_reset_only_their_channel()
     let backend = HistoryBackend::Redis;
     // A cluster of its own: the takeover leaves the old primary out of step for a while.
     let cluster = TestCluster::start().await?;
-    let gateway = TestGateway::start_ready(redis_backend_settings_for(&cluster)).await?;
+    let gateway =
+        TestGateway::start_ready(cluster_settings(&cluster, HistoryBackend::Redis)).await?;
     let shards = cluster.channels_on_each_shard(1).await?;
     let channels: Vec<String> = shards.iter().map(|(_, names)| names[0].clone()).collect();
     let all: Vec<String> = channels.iter().map(|c| format!("channel={c}")).collect();

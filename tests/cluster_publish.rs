@@ -19,45 +19,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use redis::{PushInfo, PushKind, Value};
-use ssehub::config::{HistoryBackend, RedisMode, Settings};
+use ssehub::config::HistoryBackend;
 use support::topology::*;
+use support::topology_settings::{cluster_settings, shared_cluster, TOPOLOGY_SECRET};
 use support::*;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::timeout;
-
-const SECRET: &str = "cluster-publish-test-secret-of-32-bytes";
-
-static CLUSTER: tokio::sync::OnceCell<tokio::sync::Mutex<TestCluster>> =
-    tokio::sync::OnceCell::const_new();
-
-/// The cluster shared by this binary's tests, started on first use, healed (every node running
-/// and agreeing), held exclusively until the guard drops.
-async fn shared_cluster() -> TestResult<tokio::sync::MutexGuard<'static, TestCluster>> {
-    let cell = CLUSTER
-        .get_or_try_init(|| async { TestCluster::start().await.map(tokio::sync::Mutex::new) })
-        .await?;
-    let mut cluster = cell.lock().await;
-    cluster.heal().await?;
-    Ok(cluster)
-}
 
 /// A gateway in cluster mode on `cluster`'s nodes, with `backend` and a token key.
 async fn cluster_gateway(
     cluster: &TestCluster,
     backend: HistoryBackend,
 ) -> TestResult<TestGateway> {
-    let mut settings = Settings::default();
-    settings.redis.mode = RedisMode::Cluster;
-    settings.redis.nodes = cluster.seed_urls();
-    settings.redis.reconnect_initial_ms = 50;
-    settings.redis.reconnect_max_ms = 500;
-    settings.redis.command_timeout_secs = 2;
-    settings.redis.connect_timeout_secs = 2;
-    settings.channels.public = vec!["*".to_string()];
-    settings.server.shutdown_grace_secs = 5;
-    settings.history.backend = backend;
-    settings.auth.jwt_secret = serde_json::from_value(serde_json::json!(SECRET)).ok();
-    TestGateway::start(settings).await
+    TestGateway::start(cluster_settings(cluster, backend)).await
 }
 
 /// An answer of `/publish`: status and JSON body.
@@ -87,7 +61,7 @@ async fn publish(
     payload: &str,
 ) -> TestResult<Answer> {
     let token = ssehub::auth::mint_token(
-        SECRET,
+        TOPOLOGY_SECRET,
         &[],
         &["*".to_string()],
         None,

@@ -15,35 +15,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ssehub::config::{HistoryBackend, RedisMode, Settings};
+use ssehub::config::HistoryBackend;
 use support::topology::{query, TestSentinels, TOPOLOGY_PATIENCE};
+use support::topology_settings::{sentinel_settings, TOPOLOGY_SECRET};
 use support::*;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-const SECRET: &str = "sentinel-test-secret-of-at-least-32-bytes";
 const CHANNELS: [&str; 2] = ["orders", "stock"];
 /// Pause between two rounds of publishes (one per channel).
 const PUBLISH_EVERY: Duration = Duration::from_millis(20);
 /// Longest a publisher runs, whatever the test does.
 const MAX_PUBLISHING: Duration = Duration::from_secs(90);
-
-fn sentinel_settings(sentinels: &TestSentinels, backend: HistoryBackend) -> Settings {
-    let mut settings = Settings::default();
-    settings.redis.mode = RedisMode::Sentinel;
-    settings.redis.nodes = sentinels.sentinel_urls();
-    settings.redis.master_name = sentinels.master_name().to_string();
-    settings.redis.reconnect_initial_ms = 50;
-    settings.redis.reconnect_max_ms = 500;
-    settings.redis.ping_interval_secs = 1;
-    settings.redis.command_timeout_secs = 2;
-    settings.redis.connect_timeout_secs = 2;
-    settings.channels.public = vec!["*".to_string()];
-    settings.server.shutdown_grace_secs = 5;
-    settings.history.backend = backend;
-    settings.auth.jwt_secret = serde_json::from_value(serde_json::json!(SECRET)).ok();
-    settings
-}
 
 fn events_path() -> String {
     let query: Vec<String> = CHANNELS.iter().map(|c| format!("channel={c}")).collect();
@@ -80,7 +63,7 @@ impl Publisher {
         backend: HistoryBackend,
     ) -> TestResult<Self> {
         let token = ssehub::auth::mint_token(
-            SECRET,
+            TOPOLOGY_SECRET,
             &[],
             &["*".to_string()],
             None,

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use redis::Value;
 use support::topology::*;
+use support::topology_settings::shared_cluster;
 use support::*;
 use tokio::time::{timeout, Instant};
 use tokio_stream::StreamExt;
@@ -185,20 +186,6 @@ async fn a_lossy_sentinel_failover_loses_acknowledged_writes() -> TestResult {
 // ---------------------------------------------------------------------------------------------
 // Redis Cluster
 // ---------------------------------------------------------------------------------------------
-
-static CLUSTER: tokio::sync::OnceCell<tokio::sync::Mutex<TestCluster>> =
-    tokio::sync::OnceCell::const_new();
-
-/// The cluster shared by this binary's tests, started on first use, healed (every node running
-/// and agreeing), held exclusively until the guard drops.
-async fn shared_cluster() -> TestResult<tokio::sync::MutexGuard<'static, TestCluster>> {
-    let cell = CLUSTER
-        .get_or_try_init(|| async { TestCluster::start().await.map(tokio::sync::Mutex::new) })
-        .await?;
-    let mut cluster = cell.lock().await;
-    cluster.heal().await?;
-    Ok(cluster)
-}
 
 /// A RESP value as it came over the wire, for the facts the crate would hide.
 #[derive(Clone, Debug, PartialEq)]

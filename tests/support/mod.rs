@@ -22,6 +22,7 @@ pub mod lean;
 pub mod publisher;
 pub mod tls_redis;
 pub mod topology;
+pub mod topology_settings;
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
