@@ -787,6 +787,8 @@ impl TestCluster {
             dir,
         };
         cluster.wait_healthy().await?;
+        cluster.wait_roles_settled().await?;
+        cluster.wait_replicas_synced().await?;
         Ok(cluster)
     }
 
@@ -945,7 +947,37 @@ impl TestCluster {
         }
         self.killed_primary_slots.clear();
         self.wait_healthy().await?;
-        self.wait_roles_settled().await
+        self.wait_roles_settled().await?;
+        self.wait_replicas_synced().await
+    }
+
+    /// Waits until every running replica has finished its sync with its primary. Until then a
+    /// replica may hold nothing yet (it empties itself to load the primary's snapshot), while
+    /// `WAIT` already counts it when the primary has not propagated a write yet.
+    async fn wait_replicas_synced(&self) -> TestResult {
+        let running = self.running_ports();
+        poll_until("every replica to be in sync", TOPOLOGY_PATIENCE, || {
+            let running = running.clone();
+            async move {
+                for &port in &running {
+                    let info: String = query(port, redis::cmd("INFO").arg("replication"))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let field = |name: &str| {
+                        info.lines()
+                            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                            .map(str::trim)
+                    };
+                    let synced = field("master_link_status") == Some("up")
+                        && field("master_sync_in_progress") == Some("0");
+                    if field("role") == Some("slave") && !synced {
+                        return Err(format!(":{port} is a replica not in sync yet:\n{info}"));
+                    }
+                }
+                Ok(())
+            }
+        })
+        .await
     }
 
     /// Waits until every running node (but those added empty) owns slots or is a replica: a
