@@ -524,6 +524,7 @@ fn log_settings(settings: &Settings, connection_cap: usize) {
         history.linger_secs = settings.history.linger_secs,
         channels.public = ?settings.channels.public,
         channels.max_per_connection = settings.channels.max_per_connection,
+        dead_letter.stream = %settings.dead_letter.stream,
         public_connections = connection_cap,
         "configuration (public_connections: the cap of the public listener, within the descriptor limit)"
     );
