@@ -9,7 +9,8 @@
 //! - Redis gone while dead-lettering: the entries are counted `failed`, clients still get every
 //!   good event in order, and the gateway keeps running;
 //! - drop logs and HTTP publish logs carry `correlation_id` (field, dotted path, header);
-//! - a stream name whose braces are no hash tag is refused, naming the key.
+//! - a stream name whose braces are no hash tag is refused, naming the key;
+//! - in a Redis Cluster the entry lands on the stream's shard, not the channel's.
 
 mod support;
 
@@ -475,4 +476,58 @@ fn a_stream_name_whose_braces_are_no_hash_tag_is_refused() {
         settings.dead_letter.stream = good.to_string();
         assert!(settings.validated().is_ok(), "{good:?}");
     }
+}
+
+/// In a Redis Cluster the entry goes to the shard owning the stream's slot (the writer's cluster
+/// connection routes the script by its keys), whichever shard the channel is on.
+#[tokio::test]
+async fn in_a_cluster_the_entry_lands_on_the_streams_shard() -> TestResult {
+    use support::topology::{query, TestCluster};
+    let cluster = TestCluster::start().await?;
+    let stream_owner = cluster.owner_of_slot(cluster.slot_of(STREAM)).await?;
+    let (channel_owner, channel) = cluster
+        .channels_on_each_shard(1)
+        .await?
+        .into_iter()
+        .find(|(primary, _)| *primary != stream_owner)
+        .and_then(|(primary, names)| Some((primary, names.into_iter().next()?)))
+        .ok_or("no shard apart from the stream's")?;
+    let mut settings = ssehub::Settings::default();
+    settings.redis.mode = ssehub::config::RedisMode::Cluster;
+    settings.redis.nodes = cluster.seed_urls();
+    settings.channels.public = vec!["*".to_string()];
+    settings.dead_letter.stream = STREAM.to_string();
+    let gateway = TestGateway::start_ready(settings).await?;
+    let _client = gateway.subscribe(&format!("channel={channel}")).await?;
+    let subscribed = || async {
+        let mut count = redis::cmd("PUBSUB");
+        count.arg("SHARDNUMSUB").arg(&channel);
+        matches!(
+            query::<(String, i64)>(channel_owner, &count).await,
+            Ok((_, 1))
+        )
+    };
+    eventually("the channel's shard has the subscription", subscribed).await?;
+
+    let mut publish = redis::cmd("SPUBLISH");
+    publish.arg(&channel).arg(&b"\xffcluster"[..]);
+    query::<i64>(channel_owner, &publish).await?;
+    let mut range = redis::cmd("XRANGE");
+    range.arg(STREAM).arg("-").arg("+");
+    eventually("the entry is on the stream's shard", || async {
+        matches!(query::<Vec<(String, Vec<Vec<u8>>)>>(stream_owner, &range).await, Ok(e) if e.len() == 1)
+    })
+    .await?;
+    let entries: Vec<(String, Vec<Vec<u8>>)> = query(stream_owner, &range).await?;
+    let fields = &entries[0].1;
+    assert_eq!(
+        fields[..4],
+        [
+            b"channel".to_vec(),
+            channel.into_bytes(),
+            b"reason".to_vec(),
+            b"invalid_utf8".to_vec()
+        ]
+    );
+    Ok(())
 }
