@@ -50,7 +50,7 @@ async fn stream_len(redis: &mut MultiplexedConnection) -> TestResult<u64> {
     Ok(redis::cmd("XLEN").arg(STREAM).query_async(redis).await?)
 }
 
-/// A field's value as text.
+/// A field's value.
 fn field<'e>(entry: &'e Entry, name: &str) -> Option<&'e [u8]> {
     entry
         .1
@@ -268,8 +268,7 @@ async fn the_stream_is_trimmed_near_max_len() -> TestResult {
     let mut connection = redis.connection().await?;
     for i in 0..PUBLISHED {
         // Distinct payloads: identical ones within the window are one message to the dedupe.
-        let payload = format!("\u{0}{i}").into_bytes();
-        let mut payload = payload;
+        let mut payload = format!("bad-{i}").into_bytes();
         payload.push(0xff);
         redis::cmd("PUBLISH")
             .arg("bulk")
