@@ -66,6 +66,14 @@ pub const MIN_MAX_HEADER_BYTES: usize = 8192;
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 /// Default time a repeated `Idempotency-Key` of `POST /publish` answers like the first.
 pub const DEFAULT_IDEMPOTENCY_WINDOW_SECS: u64 = 300;
+/// Default dead-letter stream: none (dead-lettering off).
+pub const DEFAULT_DEAD_LETTER_STREAM: &str = "";
+/// Default approximate length the dead-letter stream is trimmed to.
+pub const DEFAULT_DEAD_LETTER_MAX_LEN: u64 = 10_000;
+/// Default time one dropped message is written at most once across the fleet.
+pub const DEFAULT_DEAD_LETTER_DEDUPE_SECS: u64 = 60;
+/// Default JSON field (or dotted path) of a payload's correlation id.
+pub const DEFAULT_CORRELATION_ID_FIELD: &str = "correlationId";
 
 /// Environment variable prefix: `SSEHUB__REDIS__URL` overrides `[redis] url`.
 pub const ENV_PREFIX: &str = "SSEHUB";
@@ -118,6 +126,8 @@ pub struct Settings {
     pub limits: LimitsSettings,
     /// `[publish]`: the HTTP publish API.
     pub publish: PublishSettings,
+    /// `[dead_letter]`: where undeliverable payloads are kept.
+    pub dead_letter: DeadLetterSettings,
 }
 
 /// `[server]`
@@ -527,6 +537,18 @@ pub struct PublishSettings {
     pub idempotency_window_secs: u64,
 }
 
+/// `[dead_letter]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeadLetterSettings {
+    /// The Redis Stream payloads received but not delivered are added to; empty = off.
+    pub stream: String,
+    /// Approximate length the stream is trimmed to (`XADD ... MAXLEN ~`).
+    pub max_len: u64,
+    /// Seconds one dropped message is written at most once, whichever instances receive it.
+    pub dedupe_secs: u64,
+}
+
 /// `[channels]`
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -549,6 +571,9 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// A tracing filter: `info`, `debug`, `ssehub=debug,hyper=info`, ...
     pub level: String,
+    /// The JSON field (top-level, or a dotted path) whose value log lines about a payload carry
+    /// as `correlation_id`.
+    pub correlation_id_field: String,
 }
 
 /// Log output format.
@@ -672,6 +697,16 @@ impl Default for PublishSettings {
     }
 }
 
+impl Default for DeadLetterSettings {
+    fn default() -> Self {
+        DeadLetterSettings {
+            stream: DEFAULT_DEAD_LETTER_STREAM.to_string(),
+            max_len: DEFAULT_DEAD_LETTER_MAX_LEN,
+            dedupe_secs: DEFAULT_DEAD_LETTER_DEDUPE_SECS,
+        }
+    }
+}
+
 impl Default for ChannelSettings {
     fn default() -> Self {
         ChannelSettings {
@@ -687,6 +722,7 @@ impl Default for LogSettings {
         LogSettings {
             format: LogFormat::Text,
             level: "info".to_string(),
+            correlation_id_field: DEFAULT_CORRELATION_ID_FIELD.to_string(),
         }
     }
 }
@@ -787,7 +823,37 @@ impl Settings {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", format!("not a valid filter: {e}")))?;
+        if self.log.correlation_id_field.split('.').any(str::is_empty) {
+            return Err(invalid(
+                "log.correlation_id_field",
+                "must be a field name or a dotted path without empty parts".to_string(),
+            ));
+        }
+        self.validate_dead_letter()?;
         Ok(self)
+    }
+
+    /// `[dead_letter]`: a stream name whose braces would not keep its dedupe keys in its own
+    /// cluster slot is refused (see `dead_letter::dedupe_key`).
+    fn validate_dead_letter(&self) -> Result<(), ConfigError> {
+        let dead_letter = &self.dead_letter;
+        if dead_letter.stream.is_empty() {
+            return Ok(());
+        }
+        if crate::dead_letter::hash_tag(&dead_letter.stream).is_none()
+            && dead_letter.stream.contains(['{', '}'])
+        {
+            return Err(invalid(
+                "dead_letter.stream",
+                format!(
+                    "{:?} has braces that are not a Redis Cluster hash tag (a `{{` followed \
+                     later by a `}}` with at least one character between them)",
+                    dead_letter.stream
+                ),
+            ));
+        }
+        positive("dead_letter.max_len", dead_letter.max_len)?;
+        positive("dead_letter.dedupe_secs", dead_letter.dedupe_secs)
     }
 
     /// `redis.mode` and the keys that go with it: a key set for another mode is a mistake

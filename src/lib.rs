@@ -17,6 +17,7 @@
 //! - [`auth`]: JWT verification and channel grants.
 //! - [`metrics`]: every Prometheus series, named in one place.
 //! - [`publisher`]: `POST /publish`'s way into Redis (either history backend).
+//! - [`dead_letter`]: the stream where payloads the gateway drops are kept, and correlation ids.
 //! - [`position`]: stream positions (ids) of the redis backend.
 //!
 //! Data flows one way: Redis → upstream → hub (sequence, encode once, append) → each stream
@@ -33,6 +34,7 @@
 pub mod auth;
 pub mod channels;
 pub mod config;
+pub mod dead_letter;
 pub mod functions;
 mod http;
 pub mod hub;
@@ -273,6 +275,9 @@ impl Gateway {
         let metrics_handle = metrics::install();
         log_settings(&settings, public_options.connection_cap());
         let (hub, subscribe_requests) = hub::Hub::new(hub::HubSettings::from(&*settings));
+        let (dead_letters, dead_letter_writer) =
+            dead_letter::DeadLetters::new(&settings, topology.clone());
+        hub.set_dead_letters(dead_letters);
         let stop = CancellationToken::new();
         topology.start_watching(stop.clone());
         let drain = Arc::new(hub::Drain::default());
@@ -335,10 +340,13 @@ impl Gateway {
                 ADMIN_GRACE,
             ),
         );
-        let others = metrics_handle
+        let mut others: Vec<Supervised> = metrics_handle
             .map(|h| Supervised::spawn("metrics upkeep", metrics::run_upkeep(h)))
             .into_iter()
             .collect();
+        if let Some(writer) = dead_letter_writer {
+            others.push(Supervised::spawn("dead-letter writer", writer));
+        }
         tracing::info!(
             listen = %settings.server.listen,
             admin = %settings.admin.listen,
@@ -516,6 +524,7 @@ fn log_settings(settings: &Settings, connection_cap: usize) {
         history.linger_secs = settings.history.linger_secs,
         channels.public = ?settings.channels.public,
         channels.max_per_connection = settings.channels.max_per_connection,
+        dead_letter.stream = %settings.dead_letter.stream,
         public_connections = connection_cap,
         "configuration (public_connections: the cap of the public listener, within the descriptor limit)"
     );

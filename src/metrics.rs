@@ -60,6 +60,8 @@ pub const HISTORY_BYTES: &str = "ssehub_history_bytes";
 pub const HISTORY_EVICTED: &str = "ssehub_history_evicted_total";
 /// Redis payloads not forwarded, by `reason`.
 pub const PAYLOADS_DROPPED: &str = "ssehub_payloads_dropped_total";
+/// Dropped payloads handed to the dead-letter stream, by `outcome`.
+pub const DEAD_LETTERS: &str = "ssehub_dead_letters_total";
 /// Constant 1, labelled with `version` and `commit`.
 pub const BUILD_INFO: &str = "ssehub_build_info";
 /// Open TCP connections, by listener (`public`, `admin`), whatever they carry.
@@ -145,6 +147,10 @@ pub const REFUSAL_REASONS: [&str; 2] = ["max_connections", "max_connections_per_
 pub const EXPIRY_REASONS: [&str; 3] = ["first_request_timeout", "idle", "stalled"];
 /// Reasons of [`PAYLOADS_DROPPED`].
 pub const DROP_REASONS: [&str; 2] = ["invalid_utf8", "too_large"];
+
+/// Outcomes of [`DEAD_LETTERS`]: added to the stream, lost (queue full, Redis down or
+/// failing), or already added by another instance.
+pub const DEAD_LETTER_OUTCOMES: [&str; 3] = ["written", "failed", "duplicate"];
 
 /// Fan-out latency buckets: 100 µs to 10 s.
 const LATENCY_BUCKETS: [f64; 16] = [
@@ -241,6 +247,10 @@ fn describe_all() {
     );
     describe_counter!(HISTORY_EVICTED, "Ring entries evicted by capacity or age.");
     describe_counter!(PAYLOADS_DROPPED, "Redis payloads not forwarded, by reason.");
+    describe_counter!(
+        DEAD_LETTERS,
+        "Dropped payloads handed to the dead-letter stream, by outcome."
+    );
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
     describe_gauge!(TCP_CONNECTIONS, "Open TCP connections, by listener.");
     describe_counter!(
@@ -297,6 +307,9 @@ fn register_all() {
     counter!(HISTORY_EVICTED).absolute(0);
     for reason in DROP_REASONS {
         counter!(PAYLOADS_DROPPED, "reason" => reason).absolute(0);
+    }
+    for outcome in DEAD_LETTER_OUTCOMES {
+        counter!(DEAD_LETTERS, "outcome" => outcome).absolute(0);
     }
     for listener in LISTENERS {
         gauge!(TCP_CONNECTIONS, "listener" => listener).set(0.0);
@@ -450,6 +463,11 @@ pub fn tcp_connection_expired(listener: &'static str, reason: &'static str) {
 /// A payload was not forwarded.
 pub fn payload_dropped(reason: &'static str) {
     counter!(PAYLOADS_DROPPED, "reason" => reason).increment(1);
+}
+
+/// `count` dead-letter entries ended with `outcome` (see [`DEAD_LETTER_OUTCOMES`]).
+pub fn dead_letters(outcome: &'static str, count: u64) {
+    counter!(DEAD_LETTERS, "outcome" => outcome).increment(count);
 }
 
 /// A `POST /publish` request was answered with `status`.

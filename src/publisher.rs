@@ -57,13 +57,87 @@ redis.call('@PUBLISH@', ARGV[1], ARGV[2])
 return ARGV[4]
 ";
 
-/// The shared command connection.
+/// A command connection that follows the topology (see [`CommandConnection`]).
 #[derive(Clone)]
-enum Connection {
+pub(crate) enum Connection {
     /// To the one primary (standalone, or the one the sentinels report).
     Node(MultiplexedConnection),
     /// To a Redis Cluster: each command goes to the shard its key names.
     Cluster(ClusterConnection),
+}
+
+/// A shared, multiplexed command connection to wherever writes go now: the one primary
+/// (standalone, or the one the sentinels announce: it is opened again when a new primary is
+/// announced) or the cluster client, which routes each command by its key. Opened on first use,
+/// not at start-up, and dropped after a failure ([`CommandConnection::forget`]) so that the next
+/// use opens a new one. Used by the publisher and by the dead-letter writer, each with its own.
+pub(crate) struct CommandConnection {
+    /// Where the primary is.
+    topology: Arc<Topology>,
+    /// The connection with the node it is connected to (`None` for a cluster); `None` until
+    /// first use and after a failure.
+    slot: Mutex<Option<(Option<NodeAddress>, Connection)>>,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+}
+
+impl CommandConnection {
+    /// A connection to `topology`'s primary (or cluster) with the `[redis]` timeouts. Connects
+    /// nothing yet.
+    pub(crate) fn new(
+        topology: Arc<Topology>,
+        connect_timeout: Duration,
+        command_timeout: Duration,
+    ) -> CommandConnection {
+        CommandConnection {
+            topology,
+            slot: Mutex::new(None),
+            connect_timeout,
+            command_timeout,
+        }
+    }
+
+    /// The shared connection, opened if there is none or the primary moved since it was.
+    pub(crate) async fn get(&self) -> Result<Connection, String> {
+        let mut slot = self.slot.lock().await;
+        if let Some((node, connection)) = slot.as_ref() {
+            if !self.topology.moved_from(node) {
+                return Ok(connection.clone());
+            }
+        }
+        let (node, connection) = match self.topology.cluster() {
+            // The client's own timeouts are those of `[redis]` (see `Topology::new`).
+            Some(cluster) => {
+                let connection = cluster
+                    .get_async_connection()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                (None, Connection::Cluster(connection))
+            }
+            None => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.connect_timeout))
+                    .set_response_timeout(Some(self.command_timeout));
+                let primary = self.topology.primary().await?;
+                let connection = primary
+                    .client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                (primary.address, Connection::Node(connection))
+            }
+        };
+        *slot = Some((node, connection.clone()));
+        Ok(connection)
+    }
+
+    /// Drops the shared connection, so that the next use opens a new one. Never waits: if the
+    /// lock is taken, another user is opening a new connection right now anyway.
+    pub(crate) fn forget(&self) {
+        if let Ok(mut slot) = self.slot.try_lock() {
+            *slot = None;
+        }
+    }
 }
 
 /// Why a publish did not happen.
@@ -83,11 +157,8 @@ pub enum PublishError {
 
 /// Publishes events into Redis for the HTTP publish API. Shared by every request.
 pub struct Publisher {
-    /// Where the primary is.
-    topology: Arc<Topology>,
-    /// The shared command connection with the node it is connected to (`None` for a
-    /// cluster); `None` until the first publish and after a failure.
-    connection: Mutex<Option<(Option<NodeAddress>, Connection)>>,
+    /// The shared command connection.
+    connection: CommandConnection,
     backend: HistoryBackend,
     /// `PUBLISH`, or `SPUBLISH` in a cluster (memory backend; the library has its own copy in
     /// `bounds`).
@@ -115,9 +186,10 @@ impl Publisher {
     /// A publisher on `topology`'s primary, configured from `settings`. Connects nothing yet.
     pub fn new(topology: Arc<Topology>, settings: &Settings) -> Publisher {
         let broadcast = Broadcast::for_mode(settings.redis.mode);
+        let connect_timeout = Duration::from_secs(settings.redis.connect_timeout_secs);
+        let command_timeout = Duration::from_secs(settings.redis.command_timeout_secs);
         Publisher {
-            topology,
-            connection: Mutex::new(None),
+            connection: CommandConnection::new(topology, connect_timeout, command_timeout),
             backend: settings.history.backend,
             broadcast,
             bounds: LibraryBounds::from_settings(settings),
@@ -125,8 +197,8 @@ impl Publisher {
                 .publish
                 .idempotency_window_secs
                 .saturating_mul(1000),
-            connect_timeout: Duration::from_secs(settings.redis.connect_timeout_secs),
-            command_timeout: Duration::from_secs(settings.redis.command_timeout_secs),
+            connect_timeout,
+            command_timeout,
             memory_script: redis::Script::new(
                 &MEMORY_PUBLISH_SCRIPT.replace("@PUBLISH@", broadcast.command()),
             ),
@@ -188,48 +260,17 @@ impl Publisher {
         })
     }
 
-    /// The shared connection, opened if there is none or the primary moved since it was.
+    /// The shared connection.
     async fn connection(&self) -> Result<Connection, PublishError> {
-        let mut slot = self.connection.lock().await;
-        if let Some((node, connection)) = slot.as_ref() {
-            if !self.topology.moved_from(node) {
-                return Ok(connection.clone());
-            }
-        }
-        let unavailable =
-            |e: String| PublishError::Unavailable(format!("cannot connect to Redis: {e}"));
-        let (node, connection) = match self.topology.cluster() {
-            // The client's own timeouts are those of `[redis]` (see `Topology::new`).
-            Some(cluster) => {
-                let connection = cluster
-                    .get_async_connection()
-                    .await
-                    .map_err(|e| unavailable(e.to_string()))?;
-                (None, Connection::Cluster(connection))
-            }
-            None => {
-                let config = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(self.connect_timeout))
-                    .set_response_timeout(Some(self.command_timeout));
-                let primary = self.topology.primary().await.map_err(unavailable)?;
-                let connection = primary
-                    .client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
-                    .map_err(|e| unavailable(e.to_string()))?;
-                (primary.address, Connection::Node(connection))
-            }
-        };
-        *slot = Some((node, connection.clone()));
-        Ok(connection)
+        self.connection
+            .get()
+            .await
+            .map_err(|e| PublishError::Unavailable(format!("cannot connect to Redis: {e}")))
     }
 
-    /// Drops the shared connection, so that the next publish opens a new one. Never waits: if
-    /// the lock is taken, another publish is opening a new connection right now anyway.
+    /// Drops the shared connection, so that the next publish opens a new one.
     fn forget_connection(&self) {
-        if let Ok(mut slot) = self.connection.try_lock() {
-            *slot = None;
-        }
+        self.connection.forget();
     }
 
     /// Publishes with the configured backend on `connection`.

@@ -1,7 +1,10 @@
 //! `POST /publish?channel=<name>`: the HTTP publish API. Checks the request (method, channel,
-//! `Idempotency-Key`, token and its `publish` grant, body size and encoding) and hands the
+//! `Idempotency-Key`, `X-Correlation-Id`, token and its `publish` grant, body size and encoding) and hands the
 //! payload to the [`Publisher`](crate::publisher::Publisher). Every answer is counted in
 //! `ssehub_publish_requests_total{status}` here, in one place.
+//!
+//! Each accepted publish is logged at `info` with its correlation id: the `X-Correlation-Id`
+//! header, else the payload's `log.correlation_id_field`. The payload is published verbatim.
 //!
 //! The body is read only after the token is accepted, and never past
 //! `limits.max_payload_bytes` (plus the rest of the frame that crossed it).
@@ -21,6 +24,10 @@ use crate::publisher::PublishError;
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// Longest accepted `Idempotency-Key`, as the function library's.
 const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+/// Header naming the publish's correlation id in the log (it wins over the payload's field).
+const CORRELATION_ID: &str = "x-correlation-id";
+/// Longest accepted `X-Correlation-Id`, as much as a log line shows of one.
+const MAX_CORRELATION_ID_BYTES: usize = crate::dead_letter::MAX_LOGGED_CORRELATION_ID;
 
 /// A request body `/publish` can read, at most a limit of it. hyper's bodies; and `()`, the
 /// fast path's, which never reaches `/publish` (it serves only `GET /events`).
@@ -71,6 +78,7 @@ async fn publish<B: PublishBody>(
     let (channel, query_token) =
         parse_query(request.uri().query()).map_err(ApiError::BadRequest)?;
     let idempotency_key = idempotency_key(request.headers()).map_err(ApiError::BadRequest)?;
+    let header_correlation_id = correlation_id(request.headers()).map_err(ApiError::BadRequest)?;
     endpoint
         .authorizer
         .authorize_publish(request.headers(), query_token.as_deref(), &channel)?;
@@ -92,7 +100,7 @@ async fn publish<B: PublishBody>(
     if std::str::from_utf8(&payload).is_err() {
         return Err(ApiError::NotUtf8);
     }
-    endpoint
+    let id = endpoint
         .publisher
         .publish(&channel, &payload, idempotency_key.as_deref())
         .await
@@ -103,7 +111,17 @@ async fn publish<B: PublishBody>(
                 tracing::debug!(error = %message, "publish failed: Redis unavailable");
                 ApiError::Unavailable(format!("Redis is unavailable; retry later ({message})"))
             }
-        })
+        })?;
+    let correlation_id =
+        header_correlation_id.or_else(|| endpoint.hub.dead_letters().correlation_id(&payload));
+    tracing::info!(
+        channel,
+        bytes = payload.len(),
+        id,
+        correlation_id = correlation_id.as_deref().map(crate::dead_letter::for_log),
+        "published over HTTP"
+    );
+    Ok(id)
 }
 
 /// The channel (exactly one, named as for `/events`) and the `token` parameter, if any.
@@ -147,6 +165,27 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, String> {
     {
         return Err(format!(
             "Idempotency-Key must be one header of 1 to {MAX_IDEMPOTENCY_KEY_BYTES} visible \
+             ASCII characters"
+        ));
+    }
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// The `X-Correlation-Id` header, if sent: one header of 1 to 128 visible ASCII characters.
+fn correlation_id(headers: &HeaderMap) -> Result<Option<String>, String> {
+    let mut values = headers.get_all(CORRELATION_ID).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let bytes = value.as_bytes();
+    let visible = bytes.iter().all(|byte| (0x21..=0x7e).contains(byte));
+    if values.next().is_some()
+        || bytes.is_empty()
+        || bytes.len() > MAX_CORRELATION_ID_BYTES
+        || !visible
+    {
+        return Err(format!(
+            "X-Correlation-Id must be one header of 1 to {MAX_CORRELATION_ID_BYTES} visible \
              ASCII characters"
         ));
     }
@@ -207,5 +246,22 @@ mod tests {
         twice.append(IDEMPOTENCY_KEY, HeaderValue::from_static("a"));
         twice.append(IDEMPOTENCY_KEY, HeaderValue::from_static("b"));
         assert!(idempotency_key(&twice).is_err());
+    }
+
+    #[test]
+    fn correlation_ids_are_visible_ascii_up_to_128() {
+        let id = |value: &[u8]| {
+            let mut headers = HeaderMap::new();
+            if let Ok(value) = HeaderValue::from_bytes(value) {
+                headers.insert(CORRELATION_ID, value);
+            }
+            correlation_id(&headers)
+        };
+        assert_eq!(id(b"req-42"), Ok(Some("req-42".to_string())));
+        assert_eq!(id(&[b'c'; 128]), Ok(Some("c".repeat(128))));
+        assert!(id(&[b'c'; 129]).is_err());
+        assert!(id(b"two words").is_err());
+        assert!(id("caf\u{e9}".as_bytes()).is_err());
+        assert_eq!(correlation_id(&HeaderMap::new()), Ok(None));
     }
 }

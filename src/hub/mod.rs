@@ -160,6 +160,9 @@ pub struct Hub {
     event_type_field: String,
     redis_backend: bool,
     next_generation: AtomicU64,
+    /// What the upstream does with payloads it drops (correlation ids, dead-letter queue); set
+    /// once at start-up, [`crate::dead_letter::DISABLED`] until then.
+    dead_letters: std::sync::OnceLock<crate::dead_letter::DeadLetters>,
 }
 
 /// Below this capacity the channel map and the lingering queue are never shrunk.
@@ -197,6 +200,7 @@ impl Hub {
             event_type_field: settings.event_type_field,
             redis_backend: settings.redis_backend,
             next_generation: AtomicU64::new(1),
+            dead_letters: std::sync::OnceLock::new(),
         };
         (Arc::new(hub), requests)
     }
@@ -204,6 +208,18 @@ impl Hub {
     /// The epoch of this run; ids carry it.
     pub fn epoch(&self) -> &Epoch {
         &self.epoch
+    }
+
+    /// Sets what the upstream does with dropped payloads (once; later calls are ignored).
+    pub fn set_dead_letters(&self, dead_letters: crate::dead_letter::DeadLetters) {
+        let _ = self.dead_letters.set(dead_letters);
+    }
+
+    /// What the upstream does with dropped payloads.
+    pub fn dead_letters(&self) -> &crate::dead_letter::DeadLetters {
+        self.dead_letters
+            .get()
+            .unwrap_or(&crate::dead_letter::DISABLED)
     }
 
     /// Whether the history lives in Redis (`history.backend = "redis"`).

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::history::SharedHistory;
 use super::{count_outcome, sweep_hub, wire_names, AbortOnDrop, Backoff, SWEEP_INTERVAL};
 use crate::config::RedisSettings;
+use crate::dead_letter::Received;
 use crate::functions::{self, LibraryBounds};
 use crate::hub::{Hub, SubscribeRequest, UpstreamRequest};
 use crate::metrics;
@@ -583,7 +584,12 @@ impl Shard {
                         let channel = message.get_channel_name();
                         let payload = message.get_payload_bytes();
                         let outcome = self.hub.publish(channel, payload, Instant::now());
-                        count_outcome(channel, outcome, payload.len());
+                        let received = Received {
+                            channel,
+                            payload,
+                            stored: None,
+                        };
+                        count_outcome(&self.hub, outcome, &received, true);
                         Ok(())
                     }
                 }

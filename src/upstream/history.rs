@@ -18,6 +18,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 
 use super::with_timeout;
+use crate::dead_letter::Received;
 use crate::functions::{self, LibraryBounds, Loaded};
 use crate::hub::{Hub, PublishOutcome, StoredEvent, StoredOutcome, SubscribeRequest, Tail};
 use crate::metrics;
@@ -94,7 +95,17 @@ impl SharedHistory {
                 return Err(format!("unexpected ssehub_tail reply for {}", request.name));
             };
             metrics::history_read("ok");
-            count_outcomes(&request.name, hub.load_history(request, &tail));
+            let outcomes = hub.load_history(request, &tail);
+            // Not dead-lettered: this is history, dead-lettered when it was received live.
+            for ((id, payload), outcome) in tail.events.iter().zip(outcomes) {
+                let event = StoredEvent {
+                    epoch: &tail.start.epoch,
+                    id: *id,
+                    prev: None,
+                    payload,
+                };
+                count_outcome(hub, &request.name, &event, outcome, false);
+            }
         }
         Ok(())
     }
@@ -132,7 +143,7 @@ impl SharedHistory {
         for _ in 0..=MAX_CATCH_UPS_PER_EVENT {
             match hub.publish_stored(name, &event) {
                 StoredOutcome::Published(outcome) => {
-                    count_outcomes(name, [outcome]);
+                    count_outcome(hub, name, &event, outcome, true);
                     return Ok(());
                 }
                 StoredOutcome::Duplicate => return Ok(()),
@@ -197,7 +208,9 @@ impl SharedHistory {
                 };
                 if let StoredOutcome::Published(outcome) = hub.publish_stored(name, &event) {
                     recovered += u64::from(matches!(outcome, PublishOutcome::Appended { .. }));
-                    count_outcomes(name, [outcome]);
+                    // A drop read again here (the live copy was dropped too) has the same
+                    // position, so the dead-letter stream's dedupe keeps one entry.
+                    count_outcome(hub, name, &event, outcome, true);
                 }
                 from = Position {
                     epoch: Arc::from(epoch),
@@ -285,9 +298,19 @@ fn stream_id(bytes: &[u8]) -> Option<StreamId> {
     StreamId::parse_redis(std::str::from_utf8(bytes).ok()?)
 }
 
-/// Counts what happened to events handed to the hub, as the memory backend's delivery does.
-fn count_outcomes(name: &str, outcomes: impl IntoIterator<Item = PublishOutcome>) {
-    for outcome in outcomes {
-        super::count_outcome(name, outcome, 0);
-    }
+/// Counts what happened to `event` of channel `name`, as the memory backend's delivery does; a
+/// drop is dead-lettered when `dead_letter` is set.
+fn count_outcome(
+    hub: &Hub,
+    name: &str,
+    event: &StoredEvent<'_>,
+    outcome: PublishOutcome,
+    dead_letter: bool,
+) {
+    let received = Received {
+        channel: name,
+        payload: event.payload,
+        stored: Some((event.epoch, event.id)),
+    };
+    super::count_outcome(hub, outcome, &received, dead_letter);
 }

@@ -27,6 +27,7 @@ use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RedisSettings;
+use crate::dead_letter::{self, Received};
 use crate::functions::{self, LibraryBounds};
 use crate::hub::{Hub, PublishOutcome, SubscribeRequest, UpstreamRequest};
 use crate::metrics;
@@ -350,24 +351,42 @@ impl Session<'_> {
         let channel = message.get_channel_name();
         let payload = message.get_payload_bytes();
         let outcome = self.hub.publish(channel, payload, Instant::now());
-        count_outcome(channel, outcome, payload.len());
+        let received = Received {
+            channel,
+            payload,
+            stored: None,
+        };
+        count_outcome(self.hub, outcome, &received, true);
     }
 }
 
-/// Counts what the hub did with a message, and logs a drop (rate limited by the hub).
-fn count_outcome(channel: &str, outcome: PublishOutcome, bytes: usize) {
+/// Counts what the hub did with a message. A drop is logged (rate limited by the hub) with the
+/// payload's correlation id and, when `dead_letter` is set, handed to the dead-letter queue.
+fn count_outcome(hub: &Hub, outcome: PublishOutcome, message: &Received<'_>, dead_letter: bool) {
     match outcome {
         PublishOutcome::Appended { evicted } => metrics::history_evicted(evicted),
         PublishOutcome::NotWanted => {}
         PublishOutcome::Dropped { reason, log } => {
             metrics::payload_dropped(reason.label());
+            let dead_letters = hub.dead_letters();
+            let dead_letter = dead_letter && dead_letters.enabled();
+            // Parsed only here, on the drop path, and only when someone will use it.
+            let correlation_id = if log || dead_letter {
+                dead_letters.correlation_id(message.payload)
+            } else {
+                None
+            };
             if log {
                 tracing::warn!(
-                    channel,
+                    channel = message.channel,
                     reason = reason.label(),
-                    bytes,
+                    bytes = message.payload.len(),
+                    correlation_id = correlation_id.as_deref().map(dead_letter::for_log),
                     "dropped a payload (logged at most once a minute per channel)"
                 );
+            }
+            if dead_letter {
+                dead_letters.dropped(reason.label(), message, correlation_id);
             }
         }
     }

@@ -920,13 +920,18 @@ impl GatewayProcess {
 
     /// Sends SIGTERM, as an orchestrator does to stop the gateway.
     pub async fn terminate(&self) -> TestResult {
+        self.signal("-TERM").await
+    }
+
+    /// Sends `signal` (`-STOP`, `-CONT`, `-TERM`, ...) with `kill`.
+    pub async fn signal(&self, signal: &str) -> TestResult {
         let pid = self.child.id().ok_or("the gateway exited")?;
         let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([signal, &pid.to_string()])
             .status()
             .await?;
         if !status.success() {
-            return Err("kill -TERM failed".into());
+            return Err(format!("kill {signal} failed").into());
         }
         Ok(())
     }
