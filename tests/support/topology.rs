@@ -841,35 +841,12 @@ fn sentinel_config(port: u16, primary: u16, dir: &Path, options: &TopologyOption
 }
 
 /// The number of hash slots of a Redis Cluster.
-pub const SLOTS: u16 = 16384;
+pub use ssehub::topology::cluster::SLOTS;
 
-/// The hash slot of `key`, as Redis computes it: CRC16 (XMODEM) of the key, or of its hash tag
-/// (the first non-empty `{...}`), modulo 16384.
+/// The hash slot of `key`, as Redis computes it (the gateway's own computation: the tests
+/// that pin it against Redis are in `ssehub::topology::cluster`).
 pub fn key_slot(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let hashed = match bytes.iter().position(|&b| b == b'{') {
-        Some(open) => match bytes[open + 1..].iter().position(|&b| b == b'}') {
-            Some(len) if len > 0 => &bytes[open + 1..open + 1 + len],
-            _ => bytes,
-        },
-        None => bytes,
-    };
-    crc16(hashed) % SLOTS
-}
-
-fn crc16(bytes: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &byte in bytes {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
+    ssehub::topology::cluster::slot_of(key.as_bytes())
 }
 
 /// A free loopback port for a cluster node: below 55535 and with its bus port (+10000) free too.
