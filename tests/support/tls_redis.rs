@@ -21,6 +21,7 @@ pub struct TestPki {
     pub ca_file: PathBuf,
     /// A CA that signed neither.
     pub other_ca_file: PathBuf,
+    /// For 127.0.0.1; good for client authentication too (a node uses it both ways).
     pub server_cert_file: PathBuf,
     pub server_key_file: PathBuf,
     pub client_cert_file: PathBuf,
@@ -40,8 +41,16 @@ impl TestPki {
         };
         let ca = certificate_authority("ssehub test CA")?;
         let other_ca = certificate_authority("some other CA")?;
-        let (server_cert, server_key) = leaf(&ca, ExtendedKeyUsagePurpose::ServerAuth)?;
-        let (client_cert, client_key) = leaf(&ca, ExtendedKeyUsagePurpose::ClientAuth)?;
+        // A node presents its server certificate as a client too, to the node it replicates
+        // and on the cluster bus (which always asks for one).
+        let (server_cert, server_key) = leaf(
+            &ca,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )?;
+        let (client_cert, client_key) = leaf(&ca, vec![ExtendedKeyUsagePurpose::ClientAuth])?;
         Ok(TestPki {
             ca_file: file("ca.pem", ca.pem())?,
             other_ca_file: file("other-ca.pem", other_ca.pem())?,
@@ -61,16 +70,16 @@ fn certificate_authority(name: &str) -> TestResult<CertifiedIssuer<'static, KeyP
     Ok(CertifiedIssuer::self_signed(params, KeyPair::generate()?)?)
 }
 
-/// A certificate for 127.0.0.1 signed by `ca`, and its key, in PEM.
+/// A certificate for 127.0.0.1 signed by `ca` for `usages`, and its key, in PEM.
 fn leaf(
     ca: &CertifiedIssuer<'static, KeyPair>,
-    usage: ExtendedKeyUsagePurpose,
+    usages: Vec<ExtendedKeyUsagePurpose>,
 ) -> TestResult<(String, String)> {
     let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()])?;
     params
         .distinguished_name
         .push(DnType::CommonName, "127.0.0.1");
-    params.extended_key_usages = vec![usage];
+    params.extended_key_usages = usages;
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, ca)?;
     Ok((cert.pem(), key.serialize_pem()))

@@ -15,11 +15,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::FromRedisValue;
 use tokio::time::{timeout, Instant};
 
+use super::tls_redis::TestPki;
 use super::{free_port, ScratchDir, TestResult};
 
 /// The master name the sentinels monitor.
@@ -37,14 +39,198 @@ const POLL: Duration = Duration::from_millis(100);
 /// itself.
 pub const NODE_TIMEOUT_MS: u64 = 1000;
 
-/// `redis://127.0.0.1:<port>`.
-pub fn redis_url(port: u16) -> String {
-    format!("redis://127.0.0.1:{port}")
+/// How the nodes of a topology are secured, and so how everyone (the nodes among themselves,
+/// the harness, the gateway) reaches them. The default is neither password nor TLS.
+#[derive(Clone, Default)]
+pub struct TopologyOptions {
+    /// `requirepass` and `masterauth` of every data node; for sentinels also their own
+    /// `requirepass` (`sentinel sentinel-pass` between them) and `sentinel auth-pass`.
+    pub password: Option<String>,
+    /// Every node speaks only TLS (`port 0`), replication and the cluster bus included, with
+    /// the PKI's server certificate; clients are not asked for one. Shared, so the files
+    /// outlive every node restart.
+    pub tls: Option<Arc<TestPki>>,
 }
 
-/// One command against one node on a fresh connection, bounded in time.
+/// Neither password nor TLS: what the free functions of this module ([`query`], [`role`], ...)
+/// reach nodes with.
+static PLAIN: TopologyOptions = TopologyOptions {
+    password: None,
+    tls: None,
+};
+
+impl TopologyOptions {
+    /// A random password and TLS with a fresh PKI.
+    pub fn secured() -> TestResult<TopologyOptions> {
+        Ok(TopologyOptions {
+            password: Some(format!("topology-pw-{}", rand::random::<u64>())),
+            tls: Some(Arc::new(TestPki::generate()?)),
+        })
+    }
+
+    /// `redis://` or `rediss://`, with the password: `rediss://:<password>@127.0.0.1:<port>`.
+    pub fn url(&self, port: u16) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        match &self.password {
+            Some(password) => format!("{scheme}://:{password}@127.0.0.1:{port}"),
+            None => format!("{scheme}://127.0.0.1:{port}"),
+        }
+    }
+
+    /// The CA file clients must trust, with TLS.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|pki| pki.ca_file.as_path())
+    }
+
+    /// Directives (`name`, value) every node gets, data node or sentinel: where it listens
+    /// and with what, and the password it wants.
+    fn listen_directives(&self, port: u16) -> Vec<(&'static str, String)> {
+        let mut directives = Vec::new();
+        match &self.tls {
+            None => directives.push(("port", port.to_string())),
+            Some(pki) => {
+                let path = |p: &Path| p.display().to_string();
+                directives.extend([
+                    ("port", "0".to_string()),
+                    ("tls-port", port.to_string()),
+                    ("tls-cert-file", path(&pki.server_cert_file)),
+                    ("tls-key-file", path(&pki.server_key_file)),
+                    ("tls-ca-cert-file", path(&pki.ca_file)),
+                    // The gateway presents no certificate (mutual TLS is tests/redis_tls.rs's).
+                    ("tls-auth-clients", "no".to_string()),
+                    // Replication and, in sentinels, every link to a node or a sentinel.
+                    ("tls-replication", "yes".to_string()),
+                ]);
+            }
+        }
+        if let Some(password) = &self.password {
+            directives.push(("requirepass", password.clone()));
+        }
+        directives
+    }
+
+    /// Directives of a data node on top of [`TopologyOptions::listen_directives`]: the password
+    /// a replica gives its primary, and TLS on the cluster bus.
+    fn data_node_directives(&self, port: u16) -> Vec<(&'static str, String)> {
+        let mut directives = self.listen_directives(port);
+        if let Some(password) = &self.password {
+            directives.push(("masterauth", password.clone()));
+        }
+        if self.tls.is_some() {
+            directives.push(("tls-cluster", "yes".to_string()));
+        }
+        directives
+    }
+
+    /// `redis-cli` arguments to reach a node: `-a`, `--tls --cacert`.
+    fn cli_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(password) = &self.password {
+            args.extend([
+                "-a".to_string(),
+                password.clone(),
+                "--no-auth-warning".into(),
+            ]);
+        }
+        if let Some(pki) = &self.tls {
+            args.extend(["--tls".to_string(), "--cacert".into()]);
+            args.push(pki.ca_file.display().to_string());
+        }
+        args
+    }
+
+    /// A client for the node on `port`, trusting the test CA with TLS.
+    fn client(&self, port: u16) -> TestResult<redis::Client> {
+        let Some(pki) = &self.tls else {
+            return Ok(redis::Client::open(self.url(port))?);
+        };
+        // The redis crate's TLS takes rustls's process-wide provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let certificates = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(std::fs::read(&pki.ca_file)?),
+        };
+        Ok(redis::Client::build_with_tls(self.url(port), certificates)?)
+    }
+
+    /// One command against the node on `port` on a fresh connection, bounded in time.
+    pub async fn query<T: FromRedisValue>(&self, port: u16, command: &redis::Cmd) -> TestResult<T> {
+        Ok(self.try_query(port, command).await??)
+    }
+
+    /// Like [`TopologyOptions::query`], keeping the command's own outcome apart: the outer
+    /// error is a failure to connect.
+    pub async fn try_query<T: FromRedisValue>(
+        &self,
+        port: u16,
+        command: &redis::Cmd,
+    ) -> TestResult<redis::RedisResult<T>> {
+        let client = self.client(port)?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(2)));
+        let mut connection = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        Ok(command.query_async(&mut connection).await)
+    }
+
+    /// The first element of `ROLE`: `"master"`, `"slave"` or `"sentinel"`.
+    pub async fn role(&self, port: u16) -> TestResult<String> {
+        let reply: Vec<redis::Value> = self.query(port, &redis::cmd("ROLE")).await?;
+        let first = reply.first().ok_or("empty ROLE reply")?;
+        Ok(String::from_redis_value(first.clone())?)
+    }
+
+    /// One `field:value` of `INFO <section>`.
+    pub async fn info_field(&self, port: u16, section: &str, field: &str) -> TestResult<String> {
+        let text: String = self.query(port, redis::cmd("INFO").arg(section)).await?;
+        text.lines()
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+            .map(|value| value.trim().to_string())
+            .ok_or_else(|| format!("INFO {section} of :{port} has no {field}").into())
+    }
+
+    /// `CLUSTER NODES` of the node on `port`, parsed.
+    pub async fn cluster_nodes(&self, port: u16) -> TestResult<Vec<ClusterNode>> {
+        let text: String = self.query(port, redis::cmd("CLUSTER").arg("NODES")).await?;
+        text.lines()
+            .filter(|l| !l.is_empty())
+            .map(parse_node_line)
+            .collect()
+    }
+
+    /// Runs `commands` on `port`, one connection, replies in order.
+    async fn run_commands(
+        &self,
+        port: u16,
+        commands: &[redis::Cmd],
+    ) -> TestResult<Vec<redis::Value>> {
+        let mut connection = self
+            .client(port)?
+            .get_multiplexed_async_connection()
+            .await?;
+        let mut replies = Vec::with_capacity(commands.len());
+        for command in commands {
+            replies.push(command.query_async(&mut connection).await?);
+        }
+        Ok(replies)
+    }
+}
+
+/// `redis://127.0.0.1:<port>`.
+pub fn redis_url(port: u16) -> String {
+    PLAIN.url(port)
+}
+
+/// One command against one node without password or TLS, on a fresh connection, bounded in
+/// time.
 pub async fn query<T: FromRedisValue>(port: u16, command: &redis::Cmd) -> TestResult<T> {
-    Ok(try_query(port, command).await??)
+    PLAIN.query(port, command).await
 }
 
 /// Like [`query`], keeping the command's own outcome apart (for tests that pin a server error,
@@ -53,30 +239,17 @@ pub async fn try_query<T: FromRedisValue>(
     port: u16,
     command: &redis::Cmd,
 ) -> TestResult<redis::RedisResult<T>> {
-    let client = redis::Client::open(redis_url(port))?;
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(1)))
-        .set_response_timeout(Some(Duration::from_secs(2)));
-    let mut connection = client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await?;
-    Ok(command.query_async(&mut connection).await)
+    PLAIN.try_query(port, command).await
 }
 
 /// The first element of `ROLE`: `"master"`, `"slave"` or `"sentinel"`.
 pub async fn role(port: u16) -> TestResult<String> {
-    let reply: Vec<redis::Value> = query(port, &redis::cmd("ROLE")).await?;
-    let first = reply.first().ok_or("empty ROLE reply")?;
-    Ok(String::from_redis_value(first.clone())?)
+    PLAIN.role(port).await
 }
 
 /// One `field:value` of `INFO <section>`.
 pub async fn info_field(port: u16, section: &str, field: &str) -> TestResult<String> {
-    let text: String = query(port, redis::cmd("INFO").arg(section)).await?;
-    text.lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .map(|value| value.trim().to_string())
-        .ok_or_else(|| format!("INFO {section} of :{port} has no {field}").into())
+    PLAIN.info_field(port, section, field).await
 }
 
 /// Polls `probe` every [`POLL`] until it returns `Ok`; on timeout the error names `what` and
@@ -119,15 +292,18 @@ struct Node {
     log: PathBuf,
     /// `None` while the node is killed.
     child: Option<Child>,
+    /// How the harness reaches it (to see it answer after a start).
+    reach: TopologyOptions,
 }
 
 impl Node {
-    fn new(port: u16, args: Vec<String>, dir: &Path) -> Node {
+    fn new(port: u16, args: Vec<String>, dir: &Path, reach: &TopologyOptions) -> Node {
         Node {
             port,
             args,
             log: dir.join(format!("node-{port}.log")),
             child: None,
+            reach: reach.clone(),
         }
     }
 
@@ -161,7 +337,12 @@ impl Node {
                 )
                 .into());
             }
-            if query::<String>(port, &redis::cmd("PING")).await.is_ok() {
+            if self
+                .reach
+                .query::<String>(port, &redis::cmd("PING"))
+                .await
+                .is_ok()
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -224,12 +405,15 @@ fn spawn_watchdog(pid: u32) {
         .spawn();
 }
 
-/// Arguments every data node gets: loopback only, no persistence, its files in `dir`.
-fn data_node_args(port: u16, dir: &Path) -> Vec<String> {
-    let mut args: Vec<String> = ["--port", &port.to_string(), "--bind", "127.0.0.1"]
-        .iter()
-        .map(|s| s.to_string())
+/// Arguments every data node gets: loopback only, no persistence, its files in `dir`, secured
+/// as `options` say.
+fn data_node_args(port: u16, dir: &Path, options: &TopologyOptions) -> Vec<String> {
+    let mut args: Vec<String> = options
+        .data_node_directives(port)
+        .into_iter()
+        .flat_map(|(name, value)| [format!("--{name}"), value])
         .collect();
+    args.extend(["--bind", "127.0.0.1"].map(String::from));
     // No delay before a full sync (the default waits 5 s for more replicas): a replica must
     // hold the primary's data before a test fails the primary over.
     args.extend(
@@ -250,7 +434,12 @@ fn data_node_args(port: u16, dir: &Path) -> Vec<String> {
 
 /// Starts a node on a fresh port from `pick_port`, retrying with another port when the one
 /// picked was taken meanwhile (the port is only probed, not held).
-async fn start_node<P, A>(dir: &Path, mut pick_port: P, args_for: A) -> TestResult<Node>
+async fn start_node<P, A>(
+    dir: &Path,
+    options: &TopologyOptions,
+    mut pick_port: P,
+    args_for: A,
+) -> TestResult<Node>
 where
     P: FnMut() -> TestResult<u16>,
     A: Fn(u16) -> TestResult<Vec<String>>,
@@ -258,7 +447,7 @@ where
     let mut last_error = String::new();
     for _ in 0..5 {
         let port = pick_port()?;
-        let mut node = Node::new(port, args_for(port)?, dir);
+        let mut node = Node::new(port, args_for(port)?, dir, options);
         match node.spawn().await {
             Ok(()) => return Ok(node),
             Err(e) => last_error = e.to_string(),
@@ -273,20 +462,28 @@ where
 ///
 /// Freezing alone is not enough: the kernel keeps receiving (and acknowledging) replication
 /// bytes for a stopped process, which would apply them on SIGCONT.
-async fn cut_off_replicas(primary: u16, replicas: &[&Node]) -> TestResult {
+async fn cut_off_replicas(
+    options: &TopologyOptions,
+    primary: u16,
+    replicas: &[&Node],
+) -> TestResult {
     for replica in replicas {
         replica.signal("-STOP").await?;
     }
-    query::<i64>(
-        primary,
-        redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("replica"),
-    )
-    .await?;
+    options
+        .query::<i64>(
+            primary,
+            redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("replica"),
+        )
+        .await?;
     poll_until(
         "the primary to have no replica",
         super::PATIENCE,
         || async move {
-            match info_field(primary, "replication", "connected_slaves").await {
+            match options
+                .info_field(primary, "replication", "connected_slaves")
+                .await
+            {
                 Ok(count) if count == "0" => Ok(()),
                 Ok(count) => Err(format!("connected_slaves:{count}")),
                 Err(e) => Err(e.to_string()),
@@ -294,17 +491,6 @@ async fn cut_off_replicas(primary: u16, replicas: &[&Node]) -> TestResult {
         },
     )
     .await
-}
-
-/// Runs `commands` on `port`, one connection, replies in order.
-async fn run_commands(port: u16, commands: &[redis::Cmd]) -> TestResult<Vec<redis::Value>> {
-    let client = redis::Client::open(redis_url(port))?;
-    let mut connection = client.get_multiplexed_async_connection().await?;
-    let mut replies = Vec::with_capacity(commands.len());
-    for command in commands {
-        replies.push(command.query_async(&mut connection).await?);
-    }
-    Ok(replies)
 }
 
 /// One primary, two replicas and three sentinels monitoring it as [`MASTER_NAME`] (quorum 2),
@@ -317,18 +503,28 @@ pub struct TestSentinels {
     /// Holds the sentinels' config files and the logs; removed on drop (after the nodes, as
     /// fields drop in order).
     dir: ScratchDir,
+    options: TopologyOptions,
 }
 
 impl TestSentinels {
+    /// Without password or TLS.
     pub async fn start() -> TestResult<TestSentinels> {
+        Self::start_with(TopologyOptions::default()).await
+    }
+
+    /// Secured as `options` say: data nodes and sentinels alike.
+    pub async fn start_with(options: TopologyOptions) -> TestResult<TestSentinels> {
         let dir = scratch_dir("sentinel")?;
         let path = dir.0.clone();
-        let primary = start_node(&path, free_port, |port| Ok(data_node_args(port, &path))).await?;
+        let primary = start_node(&path, &options, free_port, |port| {
+            Ok(data_node_args(port, &path, &options))
+        })
+        .await?;
         let primary_port = primary.port;
         let mut nodes = vec![primary];
         for _ in 0..2 {
-            let replica = start_node(&path, free_port, |port| {
-                let mut args = data_node_args(port, &path);
+            let replica = start_node(&path, &options, free_port, |port| {
+                let mut args = data_node_args(port, &path, &options);
                 args.extend(["--replicaof".to_string(), "127.0.0.1".to_string()]);
                 args.push(primary_port.to_string());
                 Ok(args)
@@ -337,11 +533,13 @@ impl TestSentinels {
             nodes.push(replica);
         }
         // Sentinels list replicas from the primary's INFO: start them once both are linked.
+        let reach = &options;
         poll_until(
             "both replicas in sync with the primary",
             TOPOLOGY_PATIENCE,
             || async move {
-                let text: String = query(primary_port, redis::cmd("INFO").arg("replication"))
+                let text: String = reach
+                    .query(primary_port, redis::cmd("INFO").arg("replication"))
                     .await
                     .map_err(|e| e.to_string())?;
                 let online = text.lines().filter(|l| l.contains("state=online")).count();
@@ -355,9 +553,9 @@ impl TestSentinels {
         .await?;
         let mut sentinels = Vec::new();
         for _ in 0..3 {
-            let sentinel = start_node(&path, free_port, |port| {
+            let sentinel = start_node(&path, &options, free_port, |port| {
                 let file = path.join(format!("sentinel-{port}.conf"));
-                std::fs::write(&file, sentinel_config(port, primary_port, &path))?;
+                std::fs::write(&file, sentinel_config(port, primary_port, &path, &options))?;
                 Ok(vec![file.display().to_string(), "--sentinel".to_string()])
             })
             .await?;
@@ -367,6 +565,7 @@ impl TestSentinels {
             nodes,
             sentinels,
             dir,
+            options,
         };
         topology.wait_until_sentinels_know_everyone().await?;
         Ok(topology)
@@ -374,21 +573,24 @@ impl TestSentinels {
 
     /// Every sentinel knows both replicas and the two other sentinels.
     async fn wait_until_sentinels_know_everyone(&self) -> TestResult {
+        let reach = &self.options;
         for port in self.sentinel_ports() {
             poll_until(
                 "a sentinel to know 2 replicas and 2 sentinels",
                 TOPOLOGY_PATIENCE,
                 || async move {
-                    let replicas = query::<Vec<redis::Value>>(
-                        port,
-                        redis::cmd("SENTINEL").arg("REPLICAS").arg(MASTER_NAME),
-                    )
-                    .await;
-                    let peers = query::<Vec<redis::Value>>(
-                        port,
-                        redis::cmd("SENTINEL").arg("SENTINELS").arg(MASTER_NAME),
-                    )
-                    .await;
+                    let replicas = reach
+                        .query::<Vec<redis::Value>>(
+                            port,
+                            redis::cmd("SENTINEL").arg("REPLICAS").arg(MASTER_NAME),
+                        )
+                        .await;
+                    let peers = reach
+                        .query::<Vec<redis::Value>>(
+                            port,
+                            redis::cmd("SENTINEL").arg("SENTINELS").arg(MASTER_NAME),
+                        )
+                        .await;
                     match (replicas, peers) {
                         (Ok(r), Ok(s)) if r.len() == 2 && s.len() == 2 => Ok(()),
                         (Ok(r), Ok(s)) => Err(format!(
@@ -413,9 +615,17 @@ impl TestSentinels {
         self.sentinels.iter().map(|s| s.port).collect()
     }
 
-    /// `redis://127.0.0.1:<port>` of every sentinel.
+    /// The URL of every sentinel (see [`TopologyOptions::url`]).
     pub fn sentinel_urls(&self) -> Vec<String> {
-        self.sentinels.iter().map(|s| redis_url(s.port)).collect()
+        self.sentinels
+            .iter()
+            .map(|s| self.options.url(s.port))
+            .collect()
+    }
+
+    /// How the nodes are secured, and reached.
+    pub fn options(&self) -> &TopologyOptions {
+        &self.options
     }
 
     /// Ports of the data nodes (primary and replicas), in start order.
@@ -424,7 +634,7 @@ impl TestSentinels {
     }
 
     pub fn redis_url_of(&self, port: u16) -> String {
-        redis_url(port)
+        self.options.url(port)
     }
 
     /// The primary as the first sentinel that answers reports it
@@ -432,7 +642,7 @@ impl TestSentinels {
     pub async fn primary(&self) -> TestResult<u16> {
         let mut last_error = String::from("no sentinel running");
         for port in self.sentinel_ports() {
-            match primary_by_sentinel(port).await {
+            match primary_by_sentinel(&self.options, port).await {
                 Ok(primary) => return Ok(primary),
                 Err(e) => last_error = e.to_string(),
             }
@@ -477,11 +687,11 @@ impl TestSentinels {
     /// with two primaries).
     pub async fn restart_node(&mut self, port: u16) -> TestResult {
         let primary = self.primary().await?;
+        let mut args = data_node_args(port, &self.dir.0, &self.options);
         let node = self.node_mut(port)?;
         if node.is_running() {
             return Err(format!("data node :{port} is running").into());
         }
-        let mut args = data_node_args(port, node.log.parent().ok_or("log has no directory")?);
         if primary != port {
             args.extend([
                 "--replicaof".to_string(),
@@ -499,17 +709,19 @@ impl TestSentinels {
     pub async fn sentinel_failover(&self) -> TestResult<u16> {
         let old = self.primary().await?;
         let sentinel = *self.sentinel_ports().first().ok_or("no sentinel")?;
+        let reach = &self.options;
         poll_until(
             "SENTINEL FAILOVER to be accepted",
             TOPOLOGY_PATIENCE,
             || async move {
-                query::<String>(
-                    sentinel,
-                    redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME),
-                )
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+                reach
+                    .query::<String>(
+                        sentinel,
+                        redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME),
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
             },
         )
         .await?;
@@ -520,6 +732,7 @@ impl TestSentinels {
     /// `ROLE` as master; returns its port.
     pub async fn wait_for_primary_change(&self, old: u16, patience: Duration) -> TestResult<u16> {
         let sentinels = self.sentinel_ports();
+        let reach = &self.options;
         poll_until(
             "every sentinel to report a new primary that is master",
             patience,
@@ -529,7 +742,7 @@ impl TestSentinels {
                     let mut reported = Vec::new();
                     for sentinel in sentinels {
                         reported.push(
-                            primary_by_sentinel(sentinel)
+                            primary_by_sentinel(reach, sentinel)
                                 .await
                                 .map_err(|e| e.to_string())?,
                         );
@@ -540,7 +753,7 @@ impl TestSentinels {
                             "sentinels report {reported:?} (old primary :{old})"
                         ));
                     }
-                    match role(new).await {
+                    match reach.role(new).await {
                         Ok(role) if role == "master" => Ok(new),
                         Ok(role) => Err(format!("sentinels report :{new}, which says ROLE {role}")),
                         Err(e) => Err(format!("sentinels report :{new}, ROLE failed: {e}")),
@@ -566,8 +779,8 @@ impl TestSentinels {
             .iter()
             .filter(|n| n.port != primary && n.is_running())
             .collect();
-        cut_off_replicas(primary, &replicas).await?;
-        let written = run_commands(primary, commands).await;
+        cut_off_replicas(&self.options, primary, &replicas).await?;
+        let written = self.options.run_commands(primary, commands).await;
         self.node_mut(primary)?.kill()?;
         for node in self
             .nodes
@@ -586,22 +799,29 @@ impl TestSentinels {
 }
 
 /// The primary `sentinel` reports for [`MASTER_NAME`].
-async fn primary_by_sentinel(sentinel: u16) -> TestResult<u16> {
-    let (_ip, port): (String, String) = query(
-        sentinel,
-        redis::cmd("SENTINEL")
-            .arg("GET-MASTER-ADDR-BY-NAME")
-            .arg(MASTER_NAME),
-    )
-    .await?;
+async fn primary_by_sentinel(options: &TopologyOptions, sentinel: u16) -> TestResult<u16> {
+    let (_ip, port): (String, String) = options
+        .query(
+            sentinel,
+            redis::cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg(MASTER_NAME),
+        )
+        .await?;
     Ok(port.parse()?)
 }
 
-/// A sentinel's config file: it must be a writable file, the sentinel rewrites it.
-fn sentinel_config(port: u16, primary: u16, dir: &Path) -> String {
-    format!(
-        "port {port}\n\
-         bind 127.0.0.1\n\
+/// A sentinel's config file: it must be a writable file, the sentinel rewrites it. With a
+/// password, the sentinel wants it too and gives it to the nodes (`auth-pass`) and to the
+/// other sentinels (`sentinel-pass`); with TLS, it speaks only TLS, to everyone.
+fn sentinel_config(port: u16, primary: u16, dir: &Path, options: &TopologyOptions) -> String {
+    let mut config: String = options
+        .listen_directives(port)
+        .into_iter()
+        .map(|(name, value)| format!("{name} {value}\n"))
+        .collect();
+    config.push_str(&format!(
+        "bind 127.0.0.1\n\
          dir {dir}\n\
          sentinel resolve-hostnames no\n\
          sentinel announce-ip 127.0.0.1\n\
@@ -610,39 +830,23 @@ fn sentinel_config(port: u16, primary: u16, dir: &Path) -> String {
          sentinel failover-timeout {MASTER_NAME} 5000\n\
          sentinel parallel-syncs {MASTER_NAME} 2\n",
         dir = dir.display()
-    )
+    ));
+    if let Some(password) = &options.password {
+        config.push_str(&format!(
+            "sentinel auth-pass {MASTER_NAME} {password}\n\
+             sentinel sentinel-pass {password}\n"
+        ));
+    }
+    config
 }
 
 /// The number of hash slots of a Redis Cluster.
-pub const SLOTS: u16 = 16384;
+pub use ssehub::topology::cluster::SLOTS;
 
-/// The hash slot of `key`, as Redis computes it: CRC16 (XMODEM) of the key, or of its hash tag
-/// (the first non-empty `{...}`), modulo 16384.
+/// The hash slot of `key`, as Redis computes it (the gateway's own computation: the tests
+/// that pin it against Redis are in `ssehub::topology::cluster`).
 pub fn key_slot(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let hashed = match bytes.iter().position(|&b| b == b'{') {
-        Some(open) => match bytes[open + 1..].iter().position(|&b| b == b'}') {
-            Some(len) if len > 0 => &bytes[open + 1..open + 1 + len],
-            _ => bytes,
-        },
-        None => bytes,
-    };
-    crc16(hashed) % SLOTS
-}
-
-fn crc16(bytes: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &byte in bytes {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
+    ssehub::topology::cluster::slot_of(key.as_bytes())
 }
 
 /// A free loopback port for a cluster node: below 55535 and with its bus port (+10000) free too.
@@ -690,11 +894,7 @@ impl ClusterNode {
 
 /// `CLUSTER NODES` of the node on `port`, parsed.
 pub async fn cluster_nodes(port: u16) -> TestResult<Vec<ClusterNode>> {
-    let text: String = query(port, redis::cmd("CLUSTER").arg("NODES")).await?;
-    text.lines()
-        .filter(|l| !l.is_empty())
-        .map(parse_node_line)
-        .collect()
+    PLAIN.cluster_nodes(port).await
 }
 
 fn parse_node_line(line: &str) -> TestResult<ClusterNode> {
@@ -743,23 +943,33 @@ pub struct TestCluster {
     added: Vec<u16>,
     /// Node configs (`nodes-<port>.conf`) and logs; removed on drop, after the nodes.
     dir: ScratchDir,
+    options: TopologyOptions,
 }
 
 impl TestCluster {
+    /// Without password or TLS.
     pub async fn start() -> TestResult<TestCluster> {
+        Self::start_with(TopologyOptions::default()).await
+    }
+
+    /// Secured as `options` say, the cluster bus included.
+    pub async fn start_with(options: TopologyOptions) -> TestResult<TestCluster> {
         let dir = scratch_dir("cluster")?;
         let mut nodes = Vec::new();
         for _ in 0..6 {
             let path = dir.0.clone();
             nodes.push(
-                start_node(&dir.0, cluster_port, move |port| {
-                    Ok(cluster_node_args(port, &path))
+                start_node(&dir.0, &options, cluster_port, |port| {
+                    Ok(cluster_node_args(port, &path, &options))
                 })
                 .await?,
             );
         }
         let mut create = tokio::process::Command::new("redis-cli");
-        create.arg("--cluster").arg("create");
+        create
+            .args(options.cli_args())
+            .arg("--cluster")
+            .arg("create");
         for node in &nodes {
             create.arg(format!("127.0.0.1:{}", node.port));
         }
@@ -785,6 +995,7 @@ impl TestCluster {
             killed_primary_slots: BTreeMap::new(),
             added: Vec::new(),
             dir,
+            options,
         };
         cluster.wait_healthy().await?;
         cluster.wait_roles_settled().await?;
@@ -817,28 +1028,38 @@ impl TestCluster {
     /// Waits until every running node says `cluster_state:ok`, sees no running node as failing
     /// and reports the same slot map, covering all 16384 slots; returns that map.
     pub async fn wait_healthy(&self) -> TestResult<SlotMap> {
+        let reach = &self.options;
         let running = self.running_ports();
         poll_until(
             "a healthy cluster on which every node agrees",
             TOPOLOGY_PATIENCE,
             || {
                 let running = running.clone();
-                async move { agreed_slot_map(&running).await }
+                async move { agreed_slot_map(reach, &running).await }
             },
         )
         .await
     }
 
-    /// `redis://127.0.0.1:<port>` of every running node.
+    /// The URL of every running node (see [`TopologyOptions::url`]).
     pub fn seed_urls(&self) -> Vec<String> {
-        self.running_ports().into_iter().map(redis_url).collect()
+        self.running_ports()
+            .into_iter()
+            .map(|port| self.options.url(port))
+            .collect()
+    }
+
+    /// How the nodes are secured, and reached.
+    pub fn options(&self) -> &TopologyOptions {
+        &self.options
     }
 
     /// How a running node sees the cluster.
     pub async fn view(&self) -> TestResult<Vec<ClusterNode>> {
+        let reach = &self.options;
         let mut last_error = String::from("no node running");
         for port in self.running_ports() {
-            match cluster_nodes(port).await {
+            match reach.cluster_nodes(port).await {
                 Ok(view) => return Ok(view),
                 Err(e) => last_error = e.to_string(),
             }
@@ -983,6 +1204,7 @@ impl TestCluster {
     /// Waits until every running node (but those added empty) owns slots or is a replica: a
     /// returning old primary is a slotless master until it learns its successor.
     async fn wait_roles_settled(&self) -> TestResult {
+        let reach = &self.options;
         let running = self.running_ports();
         let added = self.added.clone();
         poll_until(
@@ -992,7 +1214,7 @@ impl TestCluster {
                 let (running, added) = (running.clone(), added.clone());
                 async move {
                     for &port in &running {
-                        let view = cluster_nodes(port).await.map_err(|e| e.to_string())?;
+                        let view = reach.cluster_nodes(port).await.map_err(|e| e.to_string())?;
                         let unsettled = view.iter().find(|n| {
                             running.contains(&n.port)
                                 && !added.contains(&n.port)
@@ -1015,13 +1237,17 @@ impl TestCluster {
     /// `CLUSTER FAILOVER` on `replica`: a planned failover; returns when it is primary and
     /// every node agrees.
     pub async fn failover(&self, replica: u16) -> TestResult {
-        query::<()>(replica, redis::cmd("CLUSTER").arg("FAILOVER")).await?;
+        let reach = &self.options;
+        reach
+            .query::<()>(replica, redis::cmd("CLUSTER").arg("FAILOVER"))
+            .await?;
         self.wait_promoted(replica).await
     }
 
     /// Waits until `node` answers `ROLE` master and every running node agrees on a healthy
     /// slot map in which it owns slots.
     async fn wait_promoted(&self, node: u16) -> TestResult {
+        let reach = &self.options;
         let running = self.running_ports();
         poll_until(
             "the promoted node to own slots everywhere",
@@ -1029,11 +1255,11 @@ impl TestCluster {
             || {
                 let running = running.clone();
                 async move {
-                    match role(node).await {
+                    match reach.role(node).await {
                         Ok(role) if role == "master" => {}
                         other => return Err(format!(":{node} ROLE {other:?}")),
                     }
-                    let map = agreed_slot_map(&running).await?;
+                    let map = agreed_slot_map(reach, &running).await?;
                     if map.iter().any(|&(_, _, owner)| owner == node) {
                         Ok(())
                     } else {
@@ -1048,6 +1274,7 @@ impl TestCluster {
     /// After [`TestCluster::kill_node`] of a primary: waits until another node owns its slots,
     /// with `cluster_state:ok` and agreement on every running node; returns the new primary.
     pub async fn wait_for_failover_of(&self, dead: u16) -> TestResult<u16> {
+        let reach = &self.options;
         let slot = self
             .killed_primary_slots
             .get(&dead)
@@ -1061,7 +1288,7 @@ impl TestCluster {
             || {
                 let running = running.clone();
                 async move {
-                    let map = agreed_slot_map(&running).await?;
+                    let map = agreed_slot_map(reach, &running).await?;
                     let owner = map
                         .iter()
                         .find(|&&(from, to, _)| (from..=to).contains(&slot))
@@ -1082,6 +1309,7 @@ impl TestCluster {
     /// on the target, MIGRATING on the source, MIGRATE of its keys in batches, then SETSLOT
     /// NODE on the target, the source and every other primary. Returns when every node agrees.
     pub async fn migrate_slot(&self, slot: u16, to: u16) -> TestResult {
+        let reach = &self.options;
         let view = self.view().await?;
         let source = view.iter().find(|n| n.owns(slot)).ok_or("slot not owned")?;
         let target = view
@@ -1096,33 +1324,37 @@ impl TestCluster {
             command.arg("SETSLOT").arg(slot).arg(state).arg(id);
             command
         };
-        query::<()>(to, &setslot("IMPORTING", &source.id)).await?;
-        query::<()>(source.port, &setslot("MIGRATING", &target.id)).await?;
-        for _ in 0..10_000 {
-            let keys: Vec<String> = query(
-                source.port,
-                redis::cmd("CLUSTER")
-                    .arg("GETKEYSINSLOT")
-                    .arg(slot)
-                    .arg(100),
-            )
+        reach
+            .query::<()>(to, &setslot("IMPORTING", &source.id))
             .await?;
+        reach
+            .query::<()>(source.port, &setslot("MIGRATING", &target.id))
+            .await?;
+        for _ in 0..10_000 {
+            let keys: Vec<String> = reach
+                .query(
+                    source.port,
+                    redis::cmd("CLUSTER")
+                        .arg("GETKEYSINSLOT")
+                        .arg(slot)
+                        .arg(100),
+                )
+                .await?;
             if keys.is_empty() {
                 break;
             }
             let mut migrate = redis::cmd("MIGRATE");
-            migrate
-                .arg("127.0.0.1")
-                .arg(to)
-                .arg("")
-                .arg(0)
-                .arg(5000)
-                .arg("KEYS")
-                .arg(&keys);
-            query::<()>(source.port, &migrate).await?;
+            migrate.arg("127.0.0.1").arg(to).arg("").arg(0).arg(5000);
+            if let Some(password) = &reach.password {
+                migrate.arg("AUTH").arg(password);
+            }
+            migrate.arg("KEYS").arg(&keys);
+            reach.query::<()>(source.port, &migrate).await?;
         }
-        query::<()>(to, &setslot("NODE", &target.id)).await?;
-        query::<()>(source.port, &setslot("NODE", &target.id)).await?;
+        reach.query::<()>(to, &setslot("NODE", &target.id)).await?;
+        reach
+            .query::<()>(source.port, &setslot("NODE", &target.id))
+            .await?;
         for other in view.iter().filter(|n| {
             n.is_primary()
                 && !n.slots.is_empty()
@@ -1130,7 +1362,9 @@ impl TestCluster {
                 && n.port != source.port
                 && !n.is_suspect()
         }) {
-            query::<()>(other.port, &setslot("NODE", &target.id)).await?;
+            reach
+                .query::<()>(other.port, &setslot("NODE", &target.id))
+                .await?;
         }
         let running = self.running_ports();
         poll_until(
@@ -1139,7 +1373,7 @@ impl TestCluster {
             || {
                 let running = running.clone();
                 async move {
-                    let map = agreed_slot_map(&running).await?;
+                    let map = agreed_slot_map(reach, &running).await?;
                     match map
                         .iter()
                         .find(|&&(from, end, _)| (from..=end).contains(&slot))
@@ -1156,20 +1390,21 @@ impl TestCluster {
     /// Starts an empty node, joins it with `CLUSTER MEET` and waits until every node knows it;
     /// returns its port. It owns no slot until one is migrated to it.
     pub async fn add_primary(&mut self) -> TestResult<u16> {
-        let path = self.dir.0.clone();
-        let node = start_node(&self.dir.0, cluster_port, move |port| {
-            Ok(cluster_node_args(port, &path))
+        let reach = &self.options;
+        let node = start_node(&self.dir.0, reach, cluster_port, |port| {
+            Ok(cluster_node_args(port, &self.dir.0, reach))
         })
         .await?;
         let port = node.port;
         self.nodes.push(node);
         self.added.push(port);
         let seed = *self.running_ports().first().ok_or("no node running")?;
-        query::<()>(
-            seed,
-            redis::cmd("CLUSTER").arg("MEET").arg("127.0.0.1").arg(port),
-        )
-        .await?;
+        reach
+            .query::<()>(
+                seed,
+                redis::cmd("CLUSTER").arg("MEET").arg("127.0.0.1").arg(port),
+            )
+            .await?;
         let running = self.running_ports();
         poll_until(
             "every node to know the new primary",
@@ -1178,7 +1413,10 @@ impl TestCluster {
                 let running = running.clone();
                 async move {
                     for member in &running {
-                        let view = cluster_nodes(*member).await.map_err(|e| e.to_string())?;
+                        let view = reach
+                            .cluster_nodes(*member)
+                            .await
+                            .map_err(|e| e.to_string())?;
                         let known = view
                             .iter()
                             .filter(|n| running.contains(&n.port) && !n.is_suspect())
@@ -1190,7 +1428,7 @@ impl TestCluster {
                             ));
                         }
                     }
-                    agreed_slot_map(&running).await.map(|_| ())
+                    agreed_slot_map(reach, &running).await.map(|_| ())
                 }
             },
         )
@@ -1209,23 +1447,25 @@ impl TestCluster {
         primary: u16,
         commands: &[redis::Cmd],
     ) -> TestResult<(u16, Vec<redis::Value>)> {
+        let reach = &self.options;
         let replica = self.replica_of(primary).await?;
-        cut_off_replicas(primary, &[self.node(replica)?]).await?;
-        let written = run_commands(primary, commands).await;
+        cut_off_replicas(reach, primary, &[self.node(replica)?]).await?;
+        let written = reach.run_commands(primary, commands).await;
         self.node(primary)?.signal("-STOP").await?;
         self.node(replica)?.signal("-CONT").await?;
-        let takeover = query::<()>(
-            replica,
-            redis::cmd("CLUSTER").arg("FAILOVER").arg("TAKEOVER"),
-        )
-        .await;
+        let takeover = reach
+            .query::<()>(
+                replica,
+                redis::cmd("CLUSTER").arg("FAILOVER").arg("TAKEOVER"),
+            )
+            .await;
         let promoted = match takeover {
             Ok(()) => {
                 poll_until(
                     "the replica to take over",
                     TOPOLOGY_PATIENCE,
                     || async move {
-                        match role(replica).await {
+                        match reach.role(replica).await {
                             Ok(role) if role == "master" => Ok(()),
                             other => Err(format!("{other:?}")),
                         }
@@ -1244,7 +1484,10 @@ impl TestCluster {
             "the old primary to replicate the new one",
             TOPOLOGY_PATIENCE,
             || async move {
-                match info_field(primary, "replication", "master_link_status").await {
+                match reach
+                    .info_field(primary, "replication", "master_link_status")
+                    .await
+                {
                     Ok(status) if status == "up" => Ok(()),
                     other => Err(format!("{other:?}")),
                 }
@@ -1262,14 +1505,15 @@ impl TestCluster {
 
 /// The slot map every node in `ports` agrees on, if they all say `cluster_state:ok`, see none
 /// of `ports` as failing and cover all slots; otherwise what is wrong.
-async fn agreed_slot_map(ports: &[u16]) -> Result<SlotMap, String> {
+async fn agreed_slot_map(options: &TopologyOptions, ports: &[u16]) -> Result<SlotMap, String> {
     let mut agreed: Option<SlotMap> = None;
     for &port in ports {
-        let state = info_cluster_state(port).await?;
+        let state = info_cluster_state(options, port).await?;
         if state != "ok" {
             return Err(format!(":{port} cluster_state:{state}"));
         }
-        let view = cluster_nodes(port)
+        let view = options
+            .cluster_nodes(port)
             .await
             .map_err(|e| format!(":{port}: {e}"))?;
         if let Some(suspect) = view
@@ -1299,8 +1543,9 @@ async fn agreed_slot_map(ports: &[u16]) -> Result<SlotMap, String> {
     agreed.ok_or_else(|| "no node running".to_string())
 }
 
-async fn info_cluster_state(port: u16) -> Result<String, String> {
-    let text: String = query(port, redis::cmd("CLUSTER").arg("INFO"))
+async fn info_cluster_state(options: &TopologyOptions, port: u16) -> Result<String, String> {
+    let text: String = options
+        .query(port, redis::cmd("CLUSTER").arg("INFO"))
         .await
         .map_err(|e| format!(":{port}: {e}"))?;
     text.lines()
@@ -1309,8 +1554,8 @@ async fn info_cluster_state(port: u16) -> Result<String, String> {
         .ok_or_else(|| format!(":{port} CLUSTER INFO without cluster_state"))
 }
 
-fn cluster_node_args(port: u16, dir: &Path) -> Vec<String> {
-    let mut args = data_node_args(port, dir);
+fn cluster_node_args(port: u16, dir: &Path, options: &TopologyOptions) -> Vec<String> {
+    let mut args = data_node_args(port, dir, options);
     args.extend(["--cluster-enabled", "yes", "--cluster-config-file"].map(String::from));
     args.push(dir.join(format!("nodes-{port}.conf")).display().to_string());
     args.extend([
