@@ -1176,12 +1176,14 @@ impl TestCluster {
     /// replica may hold nothing yet (it empties itself to load the primary's snapshot), while
     /// `WAIT` already counts it when the primary has not propagated a write yet.
     async fn wait_replicas_synced(&self) -> TestResult {
+        let reach = &self.options;
         let running = self.running_ports();
         poll_until("every replica to be in sync", TOPOLOGY_PATIENCE, || {
             let running = running.clone();
             async move {
                 for &port in &running {
-                    let info: String = query(port, redis::cmd("INFO").arg("replication"))
+                    let info: String = reach
+                        .query(port, redis::cmd("INFO").arg("replication"))
                         .await
                         .map_err(|e| e.to_string())?;
                     let field = |name: &str| {
