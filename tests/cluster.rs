@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use ssehub::config::HistoryBackend;
-use support::topology::{key_slot, query, TestCluster, TOPOLOGY_PATIENCE};
+use support::topology::{key_slot, query, wait_replicated, TestCluster, TOPOLOGY_PATIENCE};
 use support::topology_settings::{cluster_settings, shared_cluster};
 use support::*;
 use tokio::time::Instant;
@@ -281,7 +281,7 @@ async fn with_redis_history_failovers_and_slot_moves_cost_clients_nothing() -> T
 
     // Everything written so far is on the replica too: this failover loses nothing.
     let victim = shards[0].0;
-    let _: i64 = query(victim, redis::cmd("WAIT").arg(1).arg(2000)).await?;
+    wait_replicated(victim, 1).await?;
     let fault_at = Instant::now();
     cluster.kill_node(victim).await?;
     let new_primary = cluster.wait_for_failover_of(victim).await?;

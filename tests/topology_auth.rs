@@ -157,9 +157,7 @@ async fn sentinel_mode_with_password_and_tls_follows_a_killed_primary() -> TestR
     expect_payload(&mut client, "called").await?;
 
     // Both replicas hold everything: the failover loses nothing, so no reset is due.
-    let _: i64 = options
-        .query(primary, redis::cmd("WAIT").arg(2).arg(2000))
-        .await?;
+    options.wait_replicated(primary, 2).await?;
     let killed_at = Instant::now();
     sentinels.kill_primary().await?;
     let new_primary = sentinels
@@ -207,9 +205,7 @@ async fn cluster_mode_with_password_and_tls_survives_a_killed_primary() -> TestR
 
     // The replica holds everything: the failover loses nothing, so no reset is due.
     let victim = shards[0].0;
-    let _: i64 = options
-        .query(victim, redis::cmd("WAIT").arg(1).arg(2000))
-        .await?;
+    options.wait_replicated(victim, 1).await?;
     let killed_at = Instant::now();
     cluster.kill_node(victim).await?;
     let new_primary = cluster.wait_for_failover_of(victim).await?;

@@ -158,13 +158,8 @@ async fn a_lossy_sentinel_failover_loses_acknowledged_writes() -> TestResult {
         redis::cmd("SET").arg("kept").arg("1"),
     )
     .await?;
-    // Replicated before the cut: WAIT returns once both replicas acknowledged it.
-    let replicated: i64 = query(
-        topology.primary().await?,
-        redis::cmd("WAIT").arg(2).arg(5000),
-    )
-    .await?;
-    assert_eq!(replicated, 2);
+    // Replicated before the cut: both replicas acknowledged it.
+    wait_replicated(topology.primary().await?, 2).await?;
     let mut lost = redis::cmd("SET");
     lost.arg("lost").arg("1");
     let (old, replies) = topology.kill_primary_losing(&[lost]).await?;
@@ -789,8 +784,7 @@ async fn a_lossy_takeover_loses_acknowledged_writes() -> TestResult {
     let (primary, kept_key, lost_key) =
         (shards[0].0, shards[0].1[0].clone(), shards[0].1[1].clone());
     query::<()>(primary, redis::cmd("SET").arg(&kept_key).arg("1")).await?;
-    let replicated: i64 = query(primary, redis::cmd("WAIT").arg(1).arg(5000)).await?;
-    assert_eq!(replicated, 1);
+    wait_replicated(primary, 1).await?;
     let mut lost = redis::cmd("SET");
     lost.arg(&lost_key).arg("1");
     let (promoted, replies) = cluster.takeover_losing(primary, &[lost]).await?;

@@ -195,6 +195,41 @@ impl TopologyOptions {
             .ok_or_else(|| format!("INFO {section} of :{port} has no {field}").into())
     }
 
+    /// Waits until `replicas` replicas of the primary on `port` have acknowledged everything
+    /// it has written so far, from any connection. (`WAIT` would not do: it waits only for the
+    /// writes of its own connection, and answers at once on a fresh one.)
+    pub async fn wait_replicated(&self, port: u16, replicas: usize) -> TestResult {
+        let written: u64 = self
+            .info_field(port, "replication", "master_repl_offset")
+            .await?
+            .parse()?;
+        poll_until(
+            "the replicas to acknowledge every write",
+            super::PATIENCE,
+            || async move {
+                let info: String = self
+                    .query(port, redis::cmd("INFO").arg("replication"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let acknowledged = info
+                    .lines()
+                    .filter(|line| line.starts_with("slave"))
+                    .filter_map(|line| line.split(",offset=").nth(1)?.split(',').next())
+                    .filter_map(|offset| offset.parse::<u64>().ok())
+                    .filter(|&offset| offset >= written)
+                    .count();
+                if acknowledged >= replicas {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{acknowledged} of {replicas} at offset {written}: {info}"
+                    ))
+                }
+            },
+        )
+        .await
+    }
+
     /// `CLUSTER NODES` of the node on `port`, parsed.
     pub async fn cluster_nodes(&self, port: u16) -> TestResult<Vec<ClusterNode>> {
         let text: String = self.query(port, redis::cmd("CLUSTER").arg("NODES")).await?;
@@ -250,6 +285,11 @@ pub async fn role(port: u16) -> TestResult<String> {
 /// One `field:value` of `INFO <section>`.
 pub async fn info_field(port: u16, section: &str, field: &str) -> TestResult<String> {
     PLAIN.info_field(port, section, field).await
+}
+
+/// See [`TopologyOptions::wait_replicated`].
+pub async fn wait_replicated(port: u16, replicas: usize) -> TestResult {
+    PLAIN.wait_replicated(port, replicas).await
 }
 
 /// Polls `probe` every [`POLL`] until it returns `Ok`; on timeout the error names `what` and
