@@ -92,6 +92,14 @@ pub enum ConfigError {
         /// What is wrong with it.
         message: String,
     },
+    /// A value in one table of an array of tables parsed but is not acceptable.
+    #[error("configuration key `{key}`: {message}")]
+    InvalidEntry {
+        /// The key with the table's index (from 0), e.g. `schemas[1].file`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
 }
 
 /// The whole configuration.
@@ -118,6 +126,8 @@ pub struct Settings {
     pub limits: LimitsSettings,
     /// `[publish]`: the HTTP publish API.
     pub publish: PublishSettings,
+    /// `[[schemas]]`: JSON Schemas that payloads of matching channels must validate against.
+    pub schemas: Vec<SchemaSettings>,
 }
 
 /// `[server]`
@@ -527,6 +537,18 @@ pub struct PublishSettings {
     pub idempotency_window_secs: u64,
 }
 
+/// One `[[schemas]]` table: a JSON Schema and the channels whose payloads must satisfy it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaSettings {
+    /// Glob patterns, as in `channels.public`, of the channels this schema checks. The first
+    /// table with a matching pattern applies.
+    pub channels: Vec<String>,
+    /// The schema (JSON Schema draft 2020-12). A relative path is resolved against the folder
+    /// of the configuration file (the working directory when there is none).
+    pub file: PathBuf,
+}
+
 /// `[channels]`
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -707,7 +729,7 @@ impl Settings {
             .into_iter()
             .filter(|(key, _)| key.starts_with(&format!("{ENV_PREFIX}__")))
             .collect();
-        let settings: Settings = config::Config::builder()
+        let mut settings: Settings = config::Config::builder()
             .add_source(
                 config::File::from(path)
                     .format(config::FileFormat::Toml)
@@ -728,7 +750,23 @@ impl Settings {
             .build()
             .and_then(config::Config::try_deserialize)
             .map_err(|e| name_the_variable(e, &env))?;
+        settings.resolve_schema_files(path);
         settings.validated()
+    }
+
+    /// Makes relative `[[schemas]] file` paths relative to the folder of the configuration
+    /// file, so the gateway finds its schemas whatever its working directory. Without a file
+    /// (environment only) they stay relative to the working directory.
+    fn resolve_schema_files(&mut self, config_file: &Path) {
+        if !config_file.is_file() {
+            return;
+        }
+        let folder = config_file.parent().unwrap_or(Path::new(""));
+        for schema in &mut self.schemas {
+            if schema.file.is_relative() {
+                schema.file = folder.join(&schema.file);
+            }
+        }
     }
 
     /// Checks the values that parse but make no sense.
@@ -738,6 +776,7 @@ impl Settings {
         for pattern in &self.channels.public {
             Pattern::parse(pattern).map_err(|message| invalid("channels.public", message))?;
         }
+        self.validate_schemas()?;
         self.validate_redis_topology()?;
         self.validate_redis_tls()?;
         if self.server.worker_threads > MAX_WORKER_THREADS {
@@ -788,6 +827,30 @@ impl Settings {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", format!("not a valid filter: {e}")))?;
         Ok(self)
+    }
+
+    /// Each `[[schemas]]` table names a file and at least one valid channel pattern. The files
+    /// themselves are read and compiled when the gateway starts (`crate::schemas`).
+    fn validate_schemas(&self) -> Result<(), ConfigError> {
+        for (index, schema) in self.schemas.iter().enumerate() {
+            let entry = |key: &str, message: String| ConfigError::InvalidEntry {
+                key: format!("schemas[{index}].{key}"),
+                message,
+            };
+            if schema.channels.is_empty() {
+                return Err(entry(
+                    "channels",
+                    "must list at least one channel pattern".to_string(),
+                ));
+            }
+            for pattern in &schema.channels {
+                Pattern::parse(pattern).map_err(|message| entry("channels", message))?;
+            }
+            if schema.file.as_os_str().is_empty() {
+                return Err(entry("file", "must not be empty".to_string()));
+            }
+        }
+        Ok(())
     }
 
     /// `redis.mode` and the keys that go with it: a key set for another mode is a mistake

@@ -17,6 +17,7 @@
 //! - [`auth`]: JWT verification and channel grants.
 //! - [`metrics`]: every Prometheus series, named in one place.
 //! - [`publisher`]: `POST /publish`'s way into Redis (either history backend).
+//! - [`schemas`]: the per-channel JSON Schemas (`[[schemas]]`) payloads are checked against.
 //! - [`position`]: stream positions (ids) of the redis backend.
 //!
 //! Data flows one way: Redis → upstream → hub (sequence, encode once, append) → each stream
@@ -39,6 +40,7 @@ pub mod hub;
 pub mod metrics;
 pub mod position;
 pub mod publisher;
+pub mod schemas;
 pub mod sse;
 pub mod topology;
 pub mod upstream;
@@ -267,12 +269,16 @@ impl Gateway {
         let public = channels::PublicChannels::new(&settings.channels.public)
             .map_err(|e| invalid("channels.public", e))?;
         let authorizer = auth::Authorizer::new(public, &settings.auth)?;
+        let schemas = Arc::new(schemas::Schemas::compile(&settings.schemas)?);
         let mut public_options = http::ServeOptions::public(&settings)?;
         let admin_options = http::ServeOptions::admin(&settings.limits);
 
         let metrics_handle = metrics::install();
         log_settings(&settings, public_options.connection_cap());
-        let (hub, subscribe_requests) = hub::Hub::new(hub::HubSettings::from(&*settings));
+        let (hub, subscribe_requests) = hub::Hub::new(hub::HubSettings {
+            schemas: schemas.clone(),
+            ..hub::HubSettings::from(&*settings)
+        });
         let stop = CancellationToken::new();
         topology.start_watching(stop.clone());
         let drain = Arc::new(hub::Drain::default());
@@ -299,6 +305,7 @@ impl Gateway {
             settings: settings.clone(),
             drain: drain.clone(),
             publisher: publisher::Publisher::new(topology.clone(), &settings),
+            schemas,
         });
         if settings.server.http1_fast_path {
             public_options.fast_events = Some(events.clone());

@@ -1,6 +1,7 @@
 //! `POST /publish?channel=<name>`: the HTTP publish API. Checks the request (method, channel,
-//! `Idempotency-Key`, token and its `publish` grant, body size and encoding) and hands the
-//! payload to the [`Publisher`](crate::publisher::Publisher). Every answer is counted in
+//! `Idempotency-Key`, token and its `publish` grant, body size, encoding and the channel's
+//! JSON Schema, if `[[schemas]]` gives it one) and hands the payload to the
+//! [`Publisher`](crate::publisher::Publisher). Every answer is counted in
 //! `ssehub_publish_requests_total{status}` here, in one place.
 //!
 //! The body is read only after the token is accepted, and never past
@@ -89,8 +90,12 @@ async fn publish<B: PublishBody>(
         .await
         .map_err(ApiError::BadRequest)?
         .ok_or_else(too_large)?;
-    if std::str::from_utf8(&payload).is_err() {
+    let Ok(text) = std::str::from_utf8(&payload) else {
         return Err(ApiError::NotUtf8);
+    };
+    // The same check the hub makes on delivery: refused here, the publisher learns why.
+    if let Some(schema) = endpoint.schemas.for_channel(&channel) {
+        schema.check(text).map_err(ApiError::SchemaInvalid)?;
     }
     endpoint
         .publisher

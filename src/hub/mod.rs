@@ -47,6 +47,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{HistoryBackend, Settings};
+use crate::schemas::Schemas;
 use crate::sse::Epoch;
 
 use channel::{Channel, ChannelKey, Slot, Status};
@@ -102,6 +103,9 @@ pub struct HubSettings {
     /// `history.backend = "redis"`: events carry their position in Redis, and ids are made of
     /// those positions.
     pub redis_backend: bool,
+    /// `[[schemas]]`, compiled. Compiling can fail, so `From<&Settings>` leaves this empty:
+    /// the caller sets it.
+    pub schemas: Arc<Schemas>,
 }
 
 impl From<&Settings> for HubSettings {
@@ -114,6 +118,7 @@ impl From<&Settings> for HubSettings {
             max_channels: settings.channels.max_total,
             event_type_field: settings.sse.event_type_field.clone(),
             redis_backend: settings.history.backend == HistoryBackend::Redis,
+            schemas: Arc::default(),
         }
     }
 }
@@ -159,6 +164,8 @@ pub struct Hub {
     cap_log: Mutex<CapLog>,
     event_type_field: String,
     redis_backend: bool,
+    /// Each new channel takes its schema from here.
+    schemas: Arc<Schemas>,
     next_generation: AtomicU64,
 }
 
@@ -196,6 +203,7 @@ impl Hub {
             cap_log: Mutex::new(CapLog::default()),
             event_type_field: settings.event_type_field,
             redis_backend: settings.redis_backend,
+            schemas: settings.schemas,
             next_generation: AtomicU64::new(1),
         };
         (Arc::new(hub), requests)

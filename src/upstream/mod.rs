@@ -359,13 +359,23 @@ fn count_outcome(channel: &str, outcome: PublishOutcome, bytes: usize) {
     match outcome {
         PublishOutcome::Appended { evicted } => metrics::history_evicted(evicted),
         PublishOutcome::NotWanted => {}
-        PublishOutcome::Dropped { reason, log } => {
+        PublishOutcome::Dropped {
+            reason,
+            log,
+            violation,
+        } => {
             metrics::payload_dropped(reason.label());
             if log {
+                let (error_path, error) = violation
+                    .as_ref()
+                    .map(|v| (v.path.as_str(), v.message.as_str()))
+                    .unzip();
                 tracing::warn!(
                     channel,
                     reason = reason.label(),
                     bytes,
+                    error_path,
+                    error,
                     "dropped a payload (logged at most once a minute per channel)"
                 );
             }
