@@ -763,7 +763,8 @@ impl Settings {
         }
         let folder = config_file.parent().unwrap_or(Path::new(""));
         for schema in &mut self.schemas {
-            if schema.file.is_relative() {
+            // An empty path stays empty, for validation to name it.
+            if schema.file.is_relative() && !schema.file.as_os_str().is_empty() {
                 schema.file = folder.join(&schema.file);
             }
         }
@@ -1333,6 +1334,47 @@ mod tests {
         assert_eq!(settings.server.shutdown_grace_secs, 10);
         assert_eq!(settings.history.backend, HistoryBackend::Memory);
         assert_eq!(settings.publish.idempotency_window_secs, 300);
+    }
+
+    #[test]
+    fn schema_tables_are_read_with_relative_files_next_to_the_config_file() {
+        let settings = load(
+            "[[schemas]]\nchannels = [\"orders:*\"]\nfile = \"schemas/orders.json\"\n\n\
+             [[schemas]]\nchannels = [\"audit\"]\nfile = \"/etc/ssehub/audit.json\"\n",
+            &[],
+        )
+        .expect("valid tables");
+        let [orders, audit] = &settings.schemas[..] else {
+            panic!("two tables: {:?}", settings.schemas);
+        };
+        assert_eq!(orders.channels, ["orders:*"]);
+        assert!(orders.file.is_absolute(), "{:?}", orders.file);
+        assert!(orders.file.ends_with("schemas/orders.json"));
+        assert!(orders.file.starts_with(std::env::temp_dir()));
+        assert_eq!(audit.file, Path::new("/etc/ssehub/audit.json"));
+        let without_file = Settings::load_with_env(
+            Path::new("/nonexistent/ssehub.toml"),
+            false,
+            std::iter::empty(),
+        )
+        .expect("defaults");
+        assert!(without_file.schemas.is_empty());
+    }
+
+    #[test]
+    fn schema_tables_need_valid_patterns_and_a_file() {
+        for (toml, key) in [
+            ("[[schemas]]\nchannels = []\nfile = \"a.json\"", "`schemas[0].channels`"),
+            (
+                "[[schemas]]\nchannels = [\"a\"]\nfile = \"a.json\"\n[[schemas]]\nchannels = [\"a b\"]\nfile = \"b.json\"",
+                "`schemas[1].channels`",
+            ),
+            ("[[schemas]]\nchannels = [\"a\"]\nfile = \"\"", "`schemas[0].file`"),
+        ] {
+            let error = error_of(toml, &[]);
+            assert!(error.contains(key), "{toml}: {error}");
+        }
+        assert!(error_of("[[schemas]]\nchannels = [\"a\"]", &[]).contains("file"));
     }
 
     #[test]

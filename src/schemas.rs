@@ -106,6 +106,27 @@ impl Schemas {
     }
 }
 
+#[cfg(test)]
+impl Schemas {
+    /// Compiled from documents rather than files, for unit tests elsewhere in the crate.
+    pub(crate) fn from_documents(tables: &[(&[&str], Value)]) -> Schemas {
+        let tables = tables
+            .iter()
+            .map(|(channels, document)| Table {
+                patterns: channels
+                    .iter()
+                    .map(|c| Pattern::parse(c).expect("valid pattern"))
+                    .collect(),
+                schema: Arc::new(Schema {
+                    file: PathBuf::from("test.json"),
+                    validator: jsonschema::draft202012::new(document).expect("valid schema"),
+                }),
+            })
+            .collect();
+        Schemas { tables }
+    }
+}
+
 impl Schema {
     /// Reads and compiles the schema in `file`; the error says what is wrong, without the path.
     fn load(file: &Path) -> Result<Schema, String> {

@@ -363,7 +363,58 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{acquire, hub, publish, subscribed};
+    use tokio::time::Instant;
+
+    use super::testing::{acquire, default_settings, hub, publish, subscribed};
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn payloads_failing_their_channels_schema_are_dropped_after_the_other_checks() {
+        let schemas = Schemas::from_documents(&[(
+            &["orders:*"],
+            serde_json::json!({"type": "object", "required": ["qty"],
+                "properties": {"qty": {"type": "integer", "minimum": 1}}}),
+        )]);
+        let (hub, mut requests) = Hub::new(HubSettings {
+            max_payload_bytes: 64,
+            schemas: Arc::new(schemas),
+            ..default_settings()
+        });
+        let _orders = subscribed(&hub, &mut requests, "orders:1");
+        let _news = subscribed(&hub, &mut requests, "news");
+        let now = Instant::now();
+        let dropped = |outcome: PublishOutcome| match outcome {
+            PublishOutcome::Dropped {
+                reason, violation, ..
+            } => Some((reason, violation.map(|v| v.path))),
+            _ => None,
+        };
+        let too_large = format!("{{\"qty\": \"{}\"}}", "x".repeat(64));
+        assert_eq!(
+            dropped(hub.publish("orders:1", too_large.as_bytes(), now)),
+            Some((DropReason::TooLarge, None))
+        );
+        assert_eq!(
+            dropped(hub.publish("orders:1", b"\xff", now)),
+            Some((DropReason::InvalidUtf8, None))
+        );
+        assert_eq!(
+            dropped(hub.publish("orders:1", br#"{"qty": 0}"#, now)),
+            Some((DropReason::SchemaInvalid, Some("/qty".to_string())))
+        );
+        assert_eq!(
+            dropped(hub.publish("orders:1", b"qty", now)),
+            Some((DropReason::SchemaInvalid, Some(String::new())))
+        );
+        assert!(matches!(
+            hub.publish("orders:1", br#"{"qty": 3}"#, now),
+            PublishOutcome::Appended { .. }
+        ));
+        assert!(matches!(
+            hub.publish("news", b"not json", now),
+            PublishOutcome::Appended { .. }
+        ));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn measure_counts_every_channel() {
