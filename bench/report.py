@@ -904,6 +904,22 @@ def schema_section(schema_dir: str) -> list[str]:
     L.append("")
     L.append(f"- load generator: `{command_of(none)} --order-payload`")
     L.append("- runs: `bench/run-benchmarks --only W1 --servers ssehub --order-payload`, then `... --schema`")
+    for side in ("none", "schema"):
+        path = os.path.join(schema_dir, side, "run.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            run = json.load(f)
+        start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(run.get("started_unix", 0)))
+        la = run.get("load_average_start") or []
+        L.append(
+            f"- {side}: started {start}, ssehub at `{get(run, 'versions', 'ssehub_commit')}`, load average "
+            f"(1/5/15 min) before it {', '.join(f'{x:.2f}' for x in la)}"
+        )
+    L.append(
+        "- both runs shared the machine with other work (the load averages above): their CPU figures "
+        "are above the W1 table's, and only their ratio to each other means something."
+    )
     L.append(
         "- one run per side on a VM whose CPU figures drift 15–20 % between runs (see Method): a "
         "difference smaller than that is noise."
