@@ -736,6 +736,7 @@ def main():
         L.append("")
 
     L += fleet_section(fleet, fleet_run_lines(args.results))
+    L += schema_section(os.path.join(here, "results-schema"))
 
     profile = os.path.join(args.results, "profile.md")
     if os.path.exists(profile):
@@ -860,6 +861,71 @@ def fleet_run_lines(results_dir: str) -> list[str]:
             + (f", after it {', '.join(f'{x:.2f}' for x in la_end)} (the run's own load included)" if la_end else "")
         )
     return lines
+
+
+def schema_section(schema_dir: str) -> list[str]:
+    """W1 with order-shaped payloads, without and with a `[[schemas]]` table checking them
+    (issue 16): bench/results-schema/{none,schema}/W1-ssehub.json."""
+    L = ["## W1 with a JSON Schema — the cost of `[[schemas]]`", ""]
+    per = {}
+    for side in ("none", "schema"):
+        path = os.path.join(schema_dir, side, "W1-ssehub.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                per[side] = json.load(f)
+    if len(per) < 2:
+        return L + ["Not run (`bench/run-benchmarks --only W1 --servers ssehub --order-payload`, then the same with `--schema`).", ""]
+    none, schema = per["none"], per["schema"]
+    L.append(
+        "W1's load (ssehub only, one run per side, back to back) with 256-byte payloads shaped as "
+        "orders (id, customer, status, two timestamps, two items of sku/qty/price) instead of a padded "
+        "stamp: without a schema, and with a `[[schemas]]` table checking every channel against "
+        "[`bench/order.schema.json`](bench/order.schema.json) (draft 2020-12: required fields, an enum, "
+        "two patterns, bounds, `additionalProperties: false`). The schema is checked once per message "
+        "received from Redis, not per client: W1 fans each message out to 1,000 clients, so per delivered "
+        "event the check costs a thousandth of its own time."
+    )
+    L.append("")
+    rows = [
+        ("deliveries received", lambda r: f"{get(r, 'delivery', 'received'):,}"),
+        ("lost", lambda r: str(get(r, "delivery", "lost"))),
+        ("duplicate or unexpected", lambda r: str(get(r, "delivery", "duplicates_or_extra"))),
+        ("latency p99 (ms)", lambda r: num(get(r, "latency_ms", "p99"))),
+        ("server CPU (s)", lambda r: num(get(r, "server", "cpu_s"))),
+        ("**server CPU-s per million events**", lambda r: num(get(r, "server", "cpu_s_per_million_events"))),
+    ]
+    L.append("|  | no schema | schema | schema/none |")
+    L.append("|---|---:|---:|---:|")
+    for label, value in rows:
+        cpu = label.startswith("**") or label.startswith("server CPU")
+        key = "cpu_s_per_million_events" if "million" in label else "cpu_s"
+        rel = ratio(get(schema, "server", key), get(none, "server", key)) if cpu else ""
+        L.append(f"| {label} | {value(none)} | {value(schema)} | {rel} |")
+    L.append("")
+    L.append(f"- load generator: `{command_of(none)} --order-payload`")
+    L.append("- runs: `bench/run-benchmarks --only W1 --servers ssehub --order-payload`, then `... --schema`")
+    for side in ("none", "schema"):
+        path = os.path.join(schema_dir, side, "run.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            run = json.load(f)
+        start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(run.get("started_unix", 0)))
+        la = run.get("load_average_start") or []
+        L.append(
+            f"- {side}: started {start}, ssehub at `{get(run, 'versions', 'ssehub_commit')}`, load average "
+            f"(1/5/15 min) before it {', '.join(f'{x:.2f}' for x in la)}"
+        )
+    L.append(
+        "- both runs shared the machine with other work (the load averages above): their CPU figures "
+        "are above the W1 table's, and only their ratio to each other means something."
+    )
+    L.append(
+        "- one run per side on a VM whose CPU figures drift 15–20 % between runs (see Method): a "
+        "difference smaller than that is noise."
+    )
+    L.append("")
+    return L
 
 
 def fleet_section(fleet: dict, run_lines: list[str]) -> list[str]:

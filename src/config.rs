@@ -100,6 +100,14 @@ pub enum ConfigError {
         /// What is wrong with it.
         message: String,
     },
+    /// A value in one table of an array of tables parsed but is not acceptable.
+    #[error("configuration key `{key}`: {message}")]
+    InvalidEntry {
+        /// The key with the table's index (from 0), e.g. `schemas[1].file`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
 }
 
 /// The whole configuration.
@@ -128,6 +136,8 @@ pub struct Settings {
     pub publish: PublishSettings,
     /// `[dead_letter]`: where undeliverable payloads are kept.
     pub dead_letter: DeadLetterSettings,
+    /// `[[schemas]]`: JSON Schemas that payloads of matching channels must validate against.
+    pub schemas: Vec<SchemaSettings>,
 }
 
 /// `[server]`
@@ -549,6 +559,18 @@ pub struct DeadLetterSettings {
     pub dedupe_secs: u64,
 }
 
+/// One `[[schemas]]` table: a JSON Schema and the channels whose payloads must satisfy it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaSettings {
+    /// Glob patterns, as in `channels.public`, of the channels this schema checks. The first
+    /// table with a matching pattern applies.
+    pub channels: Vec<String>,
+    /// The schema (JSON Schema draft 2020-12). A relative path is resolved against the folder
+    /// of the configuration file (the working directory when there is none).
+    pub file: PathBuf,
+}
+
 /// `[channels]`
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -743,7 +765,7 @@ impl Settings {
             .into_iter()
             .filter(|(key, _)| key.starts_with(&format!("{ENV_PREFIX}__")))
             .collect();
-        let settings: Settings = config::Config::builder()
+        let mut settings: Settings = config::Config::builder()
             .add_source(
                 config::File::from(path)
                     .format(config::FileFormat::Toml)
@@ -764,7 +786,24 @@ impl Settings {
             .build()
             .and_then(config::Config::try_deserialize)
             .map_err(|e| name_the_variable(e, &env))?;
+        settings.resolve_schema_files(path);
         settings.validated()
+    }
+
+    /// Makes relative `[[schemas]] file` paths relative to the folder of the configuration
+    /// file, so the gateway finds its schemas whatever its working directory. Without a file
+    /// (environment only) they stay relative to the working directory.
+    fn resolve_schema_files(&mut self, config_file: &Path) {
+        if !config_file.is_file() {
+            return;
+        }
+        let folder = config_file.parent().unwrap_or(Path::new(""));
+        for schema in &mut self.schemas {
+            // An empty path stays empty, for validation to name it.
+            if schema.file.is_relative() && !schema.file.as_os_str().is_empty() {
+                schema.file = folder.join(&schema.file);
+            }
+        }
     }
 
     /// Checks the values that parse but make no sense.
@@ -774,6 +813,7 @@ impl Settings {
         for pattern in &self.channels.public {
             Pattern::parse(pattern).map_err(|message| invalid("channels.public", message))?;
         }
+        self.validate_schemas()?;
         self.validate_redis_topology()?;
         self.validate_redis_tls()?;
         if self.server.worker_threads > MAX_WORKER_THREADS {
@@ -854,6 +894,30 @@ impl Settings {
         }
         positive("dead_letter.max_len", dead_letter.max_len)?;
         positive("dead_letter.dedupe_secs", dead_letter.dedupe_secs)
+    }
+
+    /// Each `[[schemas]]` table names a file and at least one valid channel pattern. The files
+    /// themselves are read and compiled when the gateway starts (`crate::schemas`).
+    fn validate_schemas(&self) -> Result<(), ConfigError> {
+        for (index, schema) in self.schemas.iter().enumerate() {
+            let entry = |key: &str, message: String| ConfigError::InvalidEntry {
+                key: format!("schemas[{index}].{key}"),
+                message,
+            };
+            if schema.channels.is_empty() {
+                return Err(entry(
+                    "channels",
+                    "must list at least one channel pattern".to_string(),
+                ));
+            }
+            for pattern in &schema.channels {
+                Pattern::parse(pattern).map_err(|message| entry("channels", message))?;
+            }
+            if schema.file.as_os_str().is_empty() {
+                return Err(entry("file", "must not be empty".to_string()));
+            }
+        }
+        Ok(())
     }
 
     /// `redis.mode` and the keys that go with it: a key set for another mode is a mistake
@@ -1336,6 +1400,47 @@ mod tests {
         assert_eq!(settings.server.shutdown_grace_secs, 10);
         assert_eq!(settings.history.backend, HistoryBackend::Memory);
         assert_eq!(settings.publish.idempotency_window_secs, 300);
+    }
+
+    #[test]
+    fn schema_tables_are_read_with_relative_files_next_to_the_config_file() {
+        let settings = load(
+            "[[schemas]]\nchannels = [\"orders:*\"]\nfile = \"schemas/orders.json\"\n\n\
+             [[schemas]]\nchannels = [\"audit\"]\nfile = \"/etc/ssehub/audit.json\"\n",
+            &[],
+        )
+        .expect("valid tables");
+        let [orders, audit] = &settings.schemas[..] else {
+            panic!("two tables: {:?}", settings.schemas);
+        };
+        assert_eq!(orders.channels, ["orders:*"]);
+        assert!(orders.file.is_absolute(), "{:?}", orders.file);
+        assert!(orders.file.ends_with("schemas/orders.json"));
+        assert!(orders.file.starts_with(std::env::temp_dir()));
+        assert_eq!(audit.file, Path::new("/etc/ssehub/audit.json"));
+        let without_file = Settings::load_with_env(
+            Path::new("/nonexistent/ssehub.toml"),
+            false,
+            std::iter::empty(),
+        )
+        .expect("defaults");
+        assert!(without_file.schemas.is_empty());
+    }
+
+    #[test]
+    fn schema_tables_need_valid_patterns_and_a_file() {
+        for (toml, key) in [
+            ("[[schemas]]\nchannels = []\nfile = \"a.json\"", "`schemas[0].channels`"),
+            (
+                "[[schemas]]\nchannels = [\"a\"]\nfile = \"a.json\"\n[[schemas]]\nchannels = [\"a b\"]\nfile = \"b.json\"",
+                "`schemas[1].channels`",
+            ),
+            ("[[schemas]]\nchannels = [\"a\"]\nfile = \"\"", "`schemas[0].file`"),
+        ] {
+            let error = error_of(toml, &[]);
+            assert!(error.contains(key), "{toml}: {error}");
+        }
+        assert!(error_of("[[schemas]]\nchannels = [\"a\"]", &[]).contains("file"));
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! - [`metrics`]: every Prometheus series, named in one place.
 //! - [`publisher`]: `POST /publish`'s way into Redis (either history backend).
 //! - [`dead_letter`]: the stream where payloads the gateway drops are kept, and correlation ids.
+//! - [`schemas`]: the per-channel JSON Schemas (`[[schemas]]`) payloads are checked against.
 //! - [`position`]: stream positions (ids) of the redis backend.
 //!
 //! Data flows one way: Redis → upstream → hub (sequence, encode once, append) → each stream
@@ -41,6 +42,7 @@ pub mod hub;
 pub mod metrics;
 pub mod position;
 pub mod publisher;
+pub mod schemas;
 pub mod sse;
 pub mod topology;
 pub mod upstream;
@@ -269,12 +271,16 @@ impl Gateway {
         let public = channels::PublicChannels::new(&settings.channels.public)
             .map_err(|e| invalid("channels.public", e))?;
         let authorizer = auth::Authorizer::new(public, &settings.auth)?;
+        let schemas = Arc::new(schemas::Schemas::compile(&settings.schemas)?);
         let mut public_options = http::ServeOptions::public(&settings)?;
         let admin_options = http::ServeOptions::admin(&settings.limits);
 
         let metrics_handle = metrics::install();
         log_settings(&settings, public_options.connection_cap());
-        let (hub, subscribe_requests) = hub::Hub::new(hub::HubSettings::from(&*settings));
+        let (hub, subscribe_requests) = hub::Hub::new(hub::HubSettings {
+            schemas: schemas.clone(),
+            ..hub::HubSettings::from(&*settings)
+        });
         let (dead_letters, dead_letter_writer) =
             dead_letter::DeadLetters::new(&settings, topology.clone());
         hub.set_dead_letters(dead_letters);
@@ -304,6 +310,7 @@ impl Gateway {
             settings: settings.clone(),
             drain: drain.clone(),
             publisher: publisher::Publisher::new(topology.clone(), &settings),
+            schemas,
         });
         if settings.server.http1_fast_path {
             public_options.fast_events = Some(events.clone());

@@ -146,7 +146,7 @@ pub const REFUSAL_REASONS: [&str; 2] = ["max_connections", "max_connections_per_
 /// Reasons of [`TCP_EXPIRED`].
 pub const EXPIRY_REASONS: [&str; 3] = ["first_request_timeout", "idle", "stalled"];
 /// Reasons of [`PAYLOADS_DROPPED`].
-pub const DROP_REASONS: [&str; 2] = ["invalid_utf8", "too_large"];
+pub const DROP_REASONS: [&str; 3] = ["invalid_utf8", "too_large", "schema_invalid"];
 
 /// Outcomes of [`DEAD_LETTERS`]: added to the stream, lost (queue full, Redis down or
 /// failing), or already added by another instance.

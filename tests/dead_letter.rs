@@ -90,6 +90,41 @@ async fn start_gateway(redis: &TestRedis, extra: &[(&str, &str)]) -> TestResult<
     Ok(gateway)
 }
 
+/// The JSON Schema of channel `orders` in [`start_validating_gateway`]: `qty`, if present, is an
+/// integer.
+const ORDERS_SCHEMA: &str = r#"{"type": "object", "properties": {"qty": {"type": "integer"}}}"#;
+
+/// Like [`start_gateway`], with [`ORDERS_SCHEMA`] checking channel `orders` (`[[schemas]]`
+/// tables cannot be set from the environment: they go in a configuration file).
+async fn start_validating_gateway(
+    redis: &TestRedis,
+    extra: &[(&str, &str)],
+) -> TestResult<GatewayProcess> {
+    let admin_port = free_port()?;
+    let folder = std::env::temp_dir().join(format!("ssehub-dead-letter-{admin_port}"));
+    std::fs::create_dir_all(&folder)?;
+    std::fs::write(folder.join("orders.json"), ORDERS_SCHEMA)?;
+    let config = folder.join("config.toml");
+    std::fs::write(
+        &config,
+        "[[schemas]]\nchannels = [\"orders\"]\nfile = \"orders.json\"\n",
+    )?;
+    let max_payload = MAX_PAYLOAD.to_string();
+    let mut env = vec![
+        ("SSEHUB__DEAD_LETTER__STREAM", STREAM),
+        ("SSEHUB__LIMITS__MAX_PAYLOAD_BYTES", max_payload.as_str()),
+        ("SSEHUB__AUTH__JWT_SECRET", SECRET),
+    ];
+    env.extend_from_slice(extra);
+    let gateway = GatewayProcess::launch_configured(config, admin_port, &redis.url(), &env, None)?;
+    let admin = gateway.admin;
+    eventually("the gateway binary is ready", || async move {
+        matches!(get(admin, "/readyz", &[]).await, Ok((200, _)))
+    })
+    .await?;
+    Ok(gateway)
+}
+
 /// Waits until `count` connections subscribe to the wire channel `wire` in Redis.
 async fn wait_for_subscribers(redis: &TestRedis, wire: &str, count: i64) -> TestResult {
     let connection = redis.connection().await?;
@@ -182,13 +217,12 @@ fn is_rfc3339_utc_millis(text: &str) -> bool {
 }
 
 /// The scenario of test 1 on `backend`: each drop reason published once while two instances
-/// serve the channel ends in exactly one entry. A further drop reason (`schema_invalid`) is one
-/// more `(reason, payload)` case below, with the channel's schema configured.
+/// serve the channel ends in exactly one entry.
 async fn each_drop_reason_is_dead_lettered_once(backend: Backend) -> TestResult {
     let redis = TestRedis::start().await?;
     let settings = [("SSEHUB__HISTORY__BACKEND", backend.env())];
-    let a = start_gateway(&redis, &settings).await?;
-    let b = start_gateway(&redis, &settings).await?;
+    let a = start_validating_gateway(&redis, &settings).await?;
+    let b = start_validating_gateway(&redis, &settings).await?;
     let _client_a = a.subscribe_from("127.0.0.1", "channel=orders").await?;
     let _client_b = b.subscribe_from("127.0.0.1", "channel=orders").await?;
     wait_for_subscribers(&redis, &backend.wire("orders")?, 2).await?;
@@ -203,9 +237,11 @@ async fn each_drop_reason_is_dead_lettered_once(backend: Backend) -> TestResult 
         "x".repeat(3 * MAX_PAYLOAD)
     )
     .into_bytes();
-    let cases: [(&str, &[u8], Option<&str>); 2] = [
+    let invalid = br#"{"correlationId":"order-78","qty":"three"}"#;
+    let cases: [(&str, &[u8], Option<&str>); 3] = [
         ("invalid_utf8", &binary, None),
         ("too_large", &large, Some("order-77")),
+        ("schema_invalid", invalid, Some("order-78")),
     ];
     for (done, (reason, payload, correlation_id)) in cases.into_iter().enumerate() {
         let position = backend.publish(&redis, "orders", payload).await?;

@@ -48,6 +48,7 @@ const DOCUMENTED: &[&str] = &[
     "ssehub_history_bytes",
     "ssehub_history_evicted_total",
     "ssehub_payloads_dropped_total{reason=\"invalid_utf8\"}",
+    "ssehub_payloads_dropped_total{reason=\"schema_invalid\"}",
     "ssehub_connections_closed_total{reason=\"stalled\"}",
     "ssehub_requests_rejected_total{status=\"431\"}",
     "ssehub_tcp_connections{listener=\"public\"}",

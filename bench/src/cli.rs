@@ -66,6 +66,11 @@ pub(crate) struct Args {
     /// Payload size in bytes.
     #[arg(long, default_value_t = 256)]
     pub payload: usize,
+    /// Payloads shaped as an order (id, customer, status, timestamps, items of sku/qty/price:
+    /// what `bench/order.schema.json` accepts) instead of a padded stamp, for measuring the cost
+    /// of a `[[schemas]]` table.
+    #[arg(long)]
+    pub order_payload: bool,
     /// Connections that parse and verify every event (the rest only count).
     #[arg(long, default_value_t = 100)]
     pub sample: usize,

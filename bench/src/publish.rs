@@ -129,7 +129,12 @@ pub(crate) async fn run(args: &Args, sink: &mut Sink, published: &Cell<u64>) -> 
         batch.clear();
         for k in sent..due {
             let (channel, seq) = args.message_target(k);
-            let payload = wire::make_payload(Stamp { seq, sent_ns }, args.payload);
+            let stamp = Stamp { seq, sent_ns };
+            let payload = if args.order_payload {
+                wire::make_order_payload(stamp, args.payload)
+            } else {
+                wire::make_payload(stamp, args.payload)
+            };
             batch.push((args.channel_name(channel), payload));
         }
         match sink.send(&batch).await {

@@ -341,7 +341,25 @@ pub(crate) fn make_payload(stamp: Stamp, size: usize) -> Vec<u8> {
     out
 }
 
-/// Reads the stamp from a payload made by [`make_payload`].
+/// Builds an order, valid against `bench/order.schema.json`, that starts with the stamp as
+/// [`make_payload`]'s does (so [`parse_stamp`] reads it) and is padded to `size` bytes in a
+/// trailing `"p"` field (at least the unpadded length).
+pub(crate) fn make_order_payload(stamp: Stamp, size: usize) -> Vec<u8> {
+    let mut out = format!(
+        "{{\"s\":{},\"t\":{},\"id\":\"o-{}\",\"customer\":\"c-1042\",\"status\":\"paid\",\
+         \"created_at\":\"2026-11-29T07:00:00Z\",\"updated_at\":\"2026-11-29T07:00:01Z\",\
+         \"items\":[{{\"sku\":\"SKU-0001\",\"qty\":2,\"price\":19.99}},\
+         {{\"sku\":\"SKU-0002\",\"qty\":1,\"price\":5.5}}],\"p\":\"",
+        stamp.seq, stamp.sent_ns, stamp.seq
+    )
+    .into_bytes();
+    let pad = size.saturating_sub(out.len() + 2);
+    out.resize(out.len() + pad, b'x');
+    out.extend_from_slice(b"\"}");
+    out
+}
+
+/// Reads the stamp from a payload made by [`make_payload`] or [`make_order_payload`].
 pub(crate) fn parse_stamp(data: &[u8]) -> Option<Stamp> {
     let seq = number_after(data, b"{\"s\":")?;
     let rest = data.get(5..)?;
@@ -462,6 +480,9 @@ mod tests {
         let payload = make_payload(stamp, 256);
         assert_eq!(payload.len(), 256);
         assert_eq!(parse_stamp(&payload), Some(stamp));
+        let order = make_order_payload(stamp, 256);
+        assert_eq!(order.len(), 256);
+        assert_eq!(parse_stamp(&order), Some(stamp));
         let small = make_payload(stamp, 1);
         assert_eq!(parse_stamp(&small), Some(stamp));
         assert_eq!(parse_stamp(b"{\"type\":\"x\"}"), None);

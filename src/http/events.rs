@@ -36,6 +36,8 @@ pub(crate) struct EventsEndpoint {
     pub(crate) drain: Arc<crate::hub::Drain>,
     /// Serves `POST /publish` (which shares this endpoint's authorizer and settings).
     pub(crate) publisher: crate::publisher::Publisher,
+    /// `[[schemas]]`: `POST /publish` refuses a body its channel's schema rejects.
+    pub(crate) schemas: Arc<crate::schemas::Schemas>,
 }
 
 /// A parsed and validated `/events` query.

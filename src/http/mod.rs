@@ -91,6 +91,10 @@ pub(crate) enum ApiError {
     /// The request body is not UTF-8 (an SSE `data:` field must be text): `422`.
     #[error("the payload is not UTF-8")]
     NotUtf8,
+    /// The request body is not JSON, or not valid against its channel's schema: `422`, the
+    /// violations listed in the body's `errors`.
+    #[error("the payload does not match the channel's JSON Schema")]
+    SchemaInvalid(Vec<crate::schemas::Violation>),
 }
 
 /// A token that was refused answers `401` (none or invalid) or `403` (no grant) on every endpoint.
@@ -117,14 +121,19 @@ impl ApiError {
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::NotUtf8 => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::NotUtf8 | ApiError::SchemaInvalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 
     pub(crate) fn into_response(self) -> Response<ResponseBody> {
         let status = self.status();
         crate::metrics::request_rejected(status.as_u16());
-        let body = serde_json::json!({ "error": self.to_string() });
+        let body = match &self {
+            ApiError::SchemaInvalid(violations) => {
+                serde_json::json!({ "error": self.to_string(), "errors": violations })
+            }
+            _ => serde_json::json!({ "error": self.to_string() }),
+        };
         let mut response = json_response(status, &body);
         match self {
             ApiError::MethodNotAllowed => {

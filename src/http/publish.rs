@@ -1,6 +1,7 @@
 //! `POST /publish?channel=<name>`: the HTTP publish API. Checks the request (method, channel,
-//! `Idempotency-Key`, `X-Correlation-Id`, token and its `publish` grant, body size and encoding) and hands the
-//! payload to the [`Publisher`](crate::publisher::Publisher). Every answer is counted in
+//! `Idempotency-Key`, `X-Correlation-Id`, token and its `publish` grant, body size, encoding
+//! and the channel's JSON Schema, if `[[schemas]]` gives it one) and hands the payload to the
+//! [`Publisher`](crate::publisher::Publisher). Every answer is counted in
 //! `ssehub_publish_requests_total{status}` here, in one place.
 //!
 //! Each accepted publish is logged at `info` with its correlation id: the `X-Correlation-Id`
@@ -97,8 +98,12 @@ async fn publish<B: PublishBody>(
         .await
         .map_err(ApiError::BadRequest)?
         .ok_or_else(too_large)?;
-    if std::str::from_utf8(&payload).is_err() {
+    let Ok(text) = std::str::from_utf8(&payload) else {
         return Err(ApiError::NotUtf8);
+    };
+    // The same check the hub makes on delivery: refused here, the publisher learns why.
+    if let Some(schema) = endpoint.schemas.for_channel(&channel) {
+        schema.check(text).map_err(ApiError::SchemaInvalid)?;
     }
     let id = endpoint
         .publisher

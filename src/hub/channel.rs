@@ -14,6 +14,7 @@ use super::ring::Ring;
 use super::wakers::WakerSet;
 use super::HistoryLimits;
 use crate::position::Position;
+use crate::schemas::Schema;
 
 /// One channel: its ring and the signal that wakes its readers.
 #[derive(Debug)]
@@ -26,11 +27,19 @@ pub(super) struct Channel {
     pub(super) changed: watch::Sender<()>,
     /// Streams to wake when entries are appended.
     pub(super) readers: WakerSet,
+    /// The schema its payloads must satisfy (`[[schemas]]`), looked up once, when the channel
+    /// is created; `None`: not validated.
+    pub(super) schema: Option<Arc<Schema>>,
 }
 
 impl Channel {
     /// A channel whose subscription is requested but not confirmed yet.
-    pub(super) fn pending(name: Arc<str>, generation: u64, limits: &HistoryLimits) -> Channel {
+    pub(super) fn pending(
+        name: Arc<str>,
+        generation: u64,
+        schema: Option<Arc<Schema>>,
+        limits: &HistoryLimits,
+    ) -> Channel {
         Channel {
             name,
             generation,
@@ -43,6 +52,7 @@ impl Channel {
             }),
             changed: watch::Sender::new(()),
             readers: WakerSet::default(),
+            schema,
         }
     }
 }

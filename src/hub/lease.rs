@@ -279,7 +279,8 @@ impl Hub {
                 name: name.clone(),
                 generation,
             }));
-        Arc::new(Channel::pending(name, generation, &self.limits))
+        let schema = self.schemas.for_channel(&name);
+        Arc::new(Channel::pending(name, generation, schema, &self.limits))
     }
 
     fn release(&self, channels: &[Arc<Channel>]) {

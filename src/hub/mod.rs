@@ -47,6 +47,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{HistoryBackend, Settings};
+use crate::schemas::Schemas;
 use crate::sse::Epoch;
 
 use channel::{Channel, ChannelKey, Slot, Status};
@@ -102,6 +103,9 @@ pub struct HubSettings {
     /// `history.backend = "redis"`: events carry their position in Redis, and ids are made of
     /// those positions.
     pub redis_backend: bool,
+    /// `[[schemas]]`, compiled. Compiling can fail, so `From<&Settings>` leaves this empty:
+    /// the caller sets it.
+    pub schemas: Arc<Schemas>,
 }
 
 impl From<&Settings> for HubSettings {
@@ -114,6 +118,7 @@ impl From<&Settings> for HubSettings {
             max_channels: settings.channels.max_total,
             event_type_field: settings.sse.event_type_field.clone(),
             redis_backend: settings.history.backend == HistoryBackend::Redis,
+            schemas: Arc::default(),
         }
     }
 }
@@ -159,6 +164,8 @@ pub struct Hub {
     cap_log: Mutex<CapLog>,
     event_type_field: String,
     redis_backend: bool,
+    /// Each new channel takes its schema from here.
+    schemas: Arc<Schemas>,
     next_generation: AtomicU64,
     /// What the upstream does with payloads it drops (correlation ids, dead-letter queue); set
     /// once at start-up, [`crate::dead_letter::DISABLED`] until then.
@@ -199,6 +206,7 @@ impl Hub {
             cap_log: Mutex::new(CapLog::default()),
             event_type_field: settings.event_type_field,
             redis_backend: settings.redis_backend,
+            schemas: settings.schemas,
             next_generation: AtomicU64::new(1),
             dead_letters: std::sync::OnceLock::new(),
         };
@@ -371,7 +379,58 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{acquire, hub, publish, subscribed};
+    use tokio::time::Instant;
+
+    use super::testing::{acquire, default_settings, hub, publish, subscribed};
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn payloads_failing_their_channels_schema_are_dropped_after_the_other_checks() {
+        let schemas = Schemas::from_documents(&[(
+            &["orders:*"],
+            serde_json::json!({"type": "object", "required": ["qty"],
+                "properties": {"qty": {"type": "integer", "minimum": 1}}}),
+        )]);
+        let (hub, mut requests) = Hub::new(HubSettings {
+            max_payload_bytes: 64,
+            schemas: Arc::new(schemas),
+            ..default_settings()
+        });
+        let _orders = subscribed(&hub, &mut requests, "orders:1");
+        let _news = subscribed(&hub, &mut requests, "news");
+        let now = Instant::now();
+        let dropped = |outcome: PublishOutcome| match outcome {
+            PublishOutcome::Dropped {
+                reason, violation, ..
+            } => Some((reason, violation.map(|v| v.path))),
+            _ => None,
+        };
+        let too_large = format!("{{\"qty\": \"{}\"}}", "x".repeat(64));
+        assert_eq!(
+            dropped(hub.publish("orders:1", too_large.as_bytes(), now)),
+            Some((DropReason::TooLarge, None))
+        );
+        assert_eq!(
+            dropped(hub.publish("orders:1", b"\xff", now)),
+            Some((DropReason::InvalidUtf8, None))
+        );
+        assert_eq!(
+            dropped(hub.publish("orders:1", br#"{"qty": 0}"#, now)),
+            Some((DropReason::SchemaInvalid, Some("/qty".to_string())))
+        );
+        assert_eq!(
+            dropped(hub.publish("orders:1", b"qty", now)),
+            Some((DropReason::SchemaInvalid, Some(String::new())))
+        );
+        assert!(matches!(
+            hub.publish("orders:1", br#"{"qty": 3}"#, now),
+            PublishOutcome::Appended { .. }
+        ));
+        assert!(matches!(
+            hub.publish("news", b"not json", now),
+            PublishOutcome::Appended { .. }
+        ));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn measure_counts_every_channel() {

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::channel::{Channel, ChannelState, Status};
 use super::ring::{Entry, EntryKind};
 use super::{Hub, SubscribeRequest};
+use crate::schemas::Violation;
 use crate::sse::{self, ResetReason};
 
 /// How often a channel may log dropped payloads.
@@ -36,6 +37,9 @@ pub enum PublishOutcome {
         reason: DropReason,
         /// True when this drop should be logged (rate limited per channel).
         log: bool,
+        /// With [`DropReason::SchemaInvalid`], the payload's first violation of its channel's
+        /// schema (values masked: it is for the log).
+        violation: Option<Violation>,
     },
 }
 
@@ -46,6 +50,8 @@ pub enum DropReason {
     InvalidUtf8,
     /// Larger than `limits.max_payload_bytes`.
     TooLarge,
+    /// Not JSON, or not valid against its channel's schema (`[[schemas]]`).
+    SchemaInvalid,
 }
 
 impl DropReason {
@@ -54,6 +60,7 @@ impl DropReason {
         match self {
             DropReason::InvalidUtf8 => "invalid_utf8",
             DropReason::TooLarge => "too_large",
+            DropReason::SchemaInvalid => "schema_invalid",
         }
     }
 }
@@ -85,25 +92,39 @@ impl Hub {
     }
 
     /// The payload as text, or why it is dropped (the drop log is rate limited per channel).
+    /// Checked in this order: size, UTF-8, then the channel's schema, if it has one.
     pub(super) fn check_payload<'p>(
         &self,
+        channel: &Channel,
         state: &mut ChannelState,
         payload: &'p [u8],
         received_at: Instant,
     ) -> Result<&'p str, PublishOutcome> {
         let text = if payload.len() > self.limits.max_payload_bytes {
-            Err(DropReason::TooLarge)
+            Err((DropReason::TooLarge, None))
         } else {
-            std::str::from_utf8(payload).map_err(|_| DropReason::InvalidUtf8)
+            std::str::from_utf8(payload)
+                .map_err(|_| (DropReason::InvalidUtf8, None))
+                .and_then(|text| match &channel.schema {
+                    Some(schema) => match schema.first_violation(text) {
+                        Some(violation) => Err((DropReason::SchemaInvalid, Some(violation))),
+                        None => Ok(text),
+                    },
+                    None => Ok(text),
+                })
         };
-        text.map_err(|reason| {
+        text.map_err(|(reason, violation)| {
             let log = state
                 .last_drop_log
                 .is_none_or(|at| received_at.duration_since(at) >= DROP_LOG_INTERVAL);
             if log {
                 state.last_drop_log = Some(received_at);
             }
-            PublishOutcome::Dropped { reason, log }
+            PublishOutcome::Dropped {
+                reason,
+                log,
+                violation,
+            }
         })
     }
 
@@ -117,7 +138,7 @@ impl Hub {
             // Before confirmation no client has been promised this message.
             return PublishOutcome::NotWanted;
         }
-        let text = match self.check_payload(&mut state, payload, received_at) {
+        let text = match self.check_payload(&channel, &mut state, payload, received_at) {
             Ok(text) => text,
             Err(dropped) => return dropped,
         };

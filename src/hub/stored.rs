@@ -113,7 +113,7 @@ impl Hub {
             last: Some(event.id),
         };
         state.stored = Some(position.clone());
-        let text = match self.check_payload(state, event.payload, received_at) {
+        let text = match self.check_payload(channel, state, event.payload, received_at) {
             Ok(text) => text,
             Err(dropped) => return dropped,
         };

@@ -366,7 +366,11 @@ fn count_outcome(hub: &Hub, outcome: PublishOutcome, message: &Received<'_>, dea
     match outcome {
         PublishOutcome::Appended { evicted } => metrics::history_evicted(evicted),
         PublishOutcome::NotWanted => {}
-        PublishOutcome::Dropped { reason, log } => {
+        PublishOutcome::Dropped {
+            reason,
+            log,
+            violation,
+        } => {
             metrics::payload_dropped(reason.label());
             let dead_letters = hub.dead_letters();
             let dead_letter = dead_letter && dead_letters.enabled();
@@ -377,11 +381,17 @@ fn count_outcome(hub: &Hub, outcome: PublishOutcome, message: &Received<'_>, dea
                 None
             };
             if log {
+                let (error_path, error) = violation
+                    .as_ref()
+                    .map(|v| (v.path.as_str(), v.message.as_str()))
+                    .unzip();
                 tracing::warn!(
                     channel = message.channel,
                     reason = reason.label(),
                     bytes = message.payload.len(),
                     correlation_id = correlation_id.as_deref().map(dead_letter::for_log),
+                    error_path,
+                    error,
                     "dropped a payload (logged at most once a minute per channel)"
                 );
             }

@@ -834,12 +834,25 @@ impl GatewayProcess {
         env: &[(&str, &str)],
         descriptor_limit: Option<u32>,
     ) -> TestResult<GatewayProcess> {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let log = std::env::temp_dir().join(format!("ssehub-test-{}.log", admin.port()));
+        let admin_port = free_port()?;
         // Every setting comes from the environment; the empty file keeps ./config.toml out.
-        let config = log.with_extension("toml");
+        let config = std::env::temp_dir().join(format!("ssehub-test-{admin_port}.toml"));
         std::fs::write(&config, "")?;
+        Self::launch_configured(config, admin_port, redis_url, env, descriptor_limit)
+    }
+
+    /// Like [`GatewayProcess::launch`], with the configuration file `config` (removed on drop)
+    /// beneath the environment, and the admin listener on `admin_port`.
+    pub fn launch_configured(
+        config: std::path::PathBuf,
+        admin_port: u16,
+        redis_url: &str,
+        env: &[(&str, &str)],
+        descriptor_limit: Option<u32>,
+    ) -> TestResult<GatewayProcess> {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse()?;
+        let log = std::env::temp_dir().join(format!("ssehub-test-{}.log", admin.port()));
         let binary = env!("CARGO_BIN_EXE_ssehub");
         let mut command = match descriptor_limit {
             // `ulimit -n` in a shell that then becomes the gateway: the limit is its own.
