@@ -79,15 +79,7 @@ async fn total(gateways: &[&GatewayProcess], outcome: &str) -> TestResult<f64> {
 
 /// A gateway with dead-lettering on, ready, and its `extra` settings.
 async fn start_gateway(redis: &TestRedis, extra: &[(&str, &str)]) -> TestResult<GatewayProcess> {
-    let max_payload = MAX_PAYLOAD.to_string();
-    let mut env = vec![
-        ("SSEHUB__DEAD_LETTER__STREAM", STREAM),
-        ("SSEHUB__LIMITS__MAX_PAYLOAD_BYTES", max_payload.as_str()),
-        ("SSEHUB__AUTH__JWT_SECRET", SECRET),
-    ];
-    env.extend_from_slice(extra);
-    let gateway = GatewayProcess::start(redis, &env, None).await?;
-    Ok(gateway)
+    start_configured(redis, "", extra).await
 }
 
 /// The JSON Schema of channel `orders` in [`start_validating_gateway`]: `qty`, if present, is an
@@ -100,15 +92,23 @@ async fn start_validating_gateway(
     redis: &TestRedis,
     extra: &[(&str, &str)],
 ) -> TestResult<GatewayProcess> {
+    let schemas = "[[schemas]]\nchannels = [\"orders\"]\nfile = \"orders.json\"\n";
+    start_configured(redis, schemas, extra).await
+}
+
+/// A gateway with dead-lettering on, the configuration file `config` (next to an
+/// `orders.json` holding [`ORDERS_SCHEMA`]) and its `extra` settings, once it is ready.
+async fn start_configured(
+    redis: &TestRedis,
+    config: &str,
+    extra: &[(&str, &str)],
+) -> TestResult<GatewayProcess> {
     let admin_port = free_port()?;
     let folder = std::env::temp_dir().join(format!("ssehub-dead-letter-{admin_port}"));
     std::fs::create_dir_all(&folder)?;
     std::fs::write(folder.join("orders.json"), ORDERS_SCHEMA)?;
-    let config = folder.join("config.toml");
-    std::fs::write(
-        &config,
-        "[[schemas]]\nchannels = [\"orders\"]\nfile = \"orders.json\"\n",
-    )?;
+    let config_file = folder.join("config.toml");
+    std::fs::write(&config_file, config)?;
     let max_payload = MAX_PAYLOAD.to_string();
     let mut env = vec![
         ("SSEHUB__DEAD_LETTER__STREAM", STREAM),
@@ -116,7 +116,8 @@ async fn start_validating_gateway(
         ("SSEHUB__AUTH__JWT_SECRET", SECRET),
     ];
     env.extend_from_slice(extra);
-    let gateway = GatewayProcess::launch_configured(config, admin_port, &redis.url(), &env, None)?;
+    let gateway =
+        GatewayProcess::launch_configured(config_file, admin_port, &redis.url(), &env, None)?;
     let admin = gateway.admin;
     eventually("the gateway binary is ready", || async move {
         matches!(get(admin, "/readyz", &[]).await, Ok((200, _)))

@@ -157,42 +157,27 @@ fn parse_query(query: Option<&str>) -> Result<(String, Option<String>), String> 
 
 /// The `Idempotency-Key` header, if sent: one header of 1 to 128 visible ASCII characters.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, String> {
-    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
-    let Some(value) = values.next() else {
-        return Ok(None);
-    };
-    let bytes = value.as_bytes();
-    let visible = bytes.iter().all(|byte| (0x21..=0x7e).contains(byte));
-    if values.next().is_some()
-        || bytes.is_empty()
-        || bytes.len() > MAX_IDEMPOTENCY_KEY_BYTES
-        || !visible
-    {
-        return Err(format!(
-            "Idempotency-Key must be one header of 1 to {MAX_IDEMPOTENCY_KEY_BYTES} visible \
-             ASCII characters"
-        ));
-    }
-    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+    short_header(headers, IDEMPOTENCY_KEY, MAX_IDEMPOTENCY_KEY_BYTES)
+        .map_err(|rule| format!("Idempotency-Key must be {rule}"))
 }
 
 /// The `X-Correlation-Id` header, if sent: one header of 1 to 128 visible ASCII characters.
 fn correlation_id(headers: &HeaderMap) -> Result<Option<String>, String> {
-    let mut values = headers.get_all(CORRELATION_ID).iter();
+    short_header(headers, CORRELATION_ID, MAX_CORRELATION_ID_BYTES)
+        .map_err(|rule| format!("X-Correlation-Id must be {rule}"))
+}
+
+/// The header `name`, if sent, when it is one header of 1 to `max` visible ASCII characters
+/// (safe to log and to store as is); otherwise that rule, for the error message.
+fn short_header(headers: &HeaderMap, name: &str, max: usize) -> Result<Option<String>, String> {
+    let mut values = headers.get_all(name).iter();
     let Some(value) = values.next() else {
         return Ok(None);
     };
     let bytes = value.as_bytes();
     let visible = bytes.iter().all(|byte| (0x21..=0x7e).contains(byte));
-    if values.next().is_some()
-        || bytes.is_empty()
-        || bytes.len() > MAX_CORRELATION_ID_BYTES
-        || !visible
-    {
-        return Err(format!(
-            "X-Correlation-Id must be one header of 1 to {MAX_CORRELATION_ID_BYTES} visible \
-             ASCII characters"
-        ));
+    if values.next().is_some() || bytes.is_empty() || bytes.len() > max || !visible {
+        return Err(format!("one header of 1 to {max} visible ASCII characters"));
     }
     Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
 }
